@@ -1,0 +1,79 @@
+"""Shared fixtures for the book's tests.
+
+Fast structural tests run first; tests marked ``book`` build and execute the whole book (many
+minutes) and are moved to the end of the run, so a broken link or a missing section fails fast.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+sys.path.insert(0, str(NOTEBOOKS))  # the book's shared code, as chapters import it
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "book: builds and executes the whole book (slow, runs last)")
+    config.addinivalue_line("markers", "slow: starts real processes or trains; seconds to minutes")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: item.get_closest_marker("book") is not None)
+
+
+def toc_files() -> list[str]:
+    """Every page in _toc.yml, in reading order, as a path without suffix."""
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [toc["root"]]
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                files.append(entry["file"])
+            walk(entry.get("sections"))
+
+    for part in toc.get("parts", []):
+        walk(part.get("chapters"))
+    walk(toc.get("chapters"))
+    return files
+
+
+CHAPTER_DIR = re.compile(r"^(\d\d)-([a-z]+(?:-[a-z0-9]+)*)$")
+
+
+def repo_files() -> list[Path]:
+    """The repository's own files: tracked and untracked-but-not-ignored (never .venv or _build)."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                            cwd=ROOT, capture_output=True, text=True)
+    if listed.returncode == 0:
+        return [ROOT / line for line in listed.stdout.splitlines() if (ROOT / line).is_file()]
+    skip = {".git", ".venv", "venv", "_build", "__pycache__", ".pytest_cache", ".hypothesis"}
+    return [p for p in ROOT.rglob("*") if p.is_file() and not skip & set(p.relative_to(ROOT).parts)]
+
+
+def chapter_dirs() -> list[Path]:
+    return sorted(p for p in NOTEBOOKS.iterdir() if p.is_dir() and CHAPTER_DIR.match(p.name))
+
+
+def load_module(path: Path, name: str | None = None):
+    """Import a companion file by path under a unique module name (several chapters have app.py)."""
+    path = Path(path)
+    name = name or f"gr_{path.parent.name.replace('-', '_')}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def root() -> Path:
+    return ROOT

@@ -1,0 +1,202 @@
+"""The book's shape: what a reader and a chapter author rely on without running a chapter.
+
+TOC and chapter folders agree, folder numbers follow the TOC, every chapter has the template's
+sections and label, cells stay small, nothing stores outputs, and every companion script answers
+``--help``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import CHAPTER_DIR, NOTEBOOKS, ROOT, chapter_dirs, toc_files
+
+TEMPLATE = NOTEBOOKS / "_template" / "_template.md"
+REQUIRED_SECTIONS = [
+    "What you will learn",
+    "Run it",
+    "Set up",
+    "What to take away",
+    "Exercises",
+    "Going further",
+]
+MAX_CELL_LINES = 25
+FENCE = re.compile(r"^(`{3,}|:{3,})")
+CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```", re.S | re.M)
+
+
+def chapter_sources() -> list[Path]:
+    return [d / f"{d.name}.md" for d in chapter_dirs()]
+
+
+def toc_chapters() -> list[str]:
+    return [f for f in toc_files() if f.startswith("notebooks/")]
+
+
+def headings(text: str) -> list[tuple[int, str]]:
+    """(level, title) of every Markdown heading outside fenced blocks."""
+    found, fence = [], None
+    for line in text.splitlines():
+        match = FENCE.match(line)
+        if match:
+            marker = match.group(1)
+            if fence is None:
+                fence = marker
+            elif marker.startswith(fence[0]) and len(marker) >= len(fence) and line.strip() == marker:
+                fence = None
+            continue
+        if fence is None and (h := re.match(r"^(#{1,6})\s+(.*\S)", line)):
+            found.append((len(h.group(1)), h.group(2)))
+    return found
+
+
+def cell_line_count(body: str) -> int:
+    """Non-blank lines of code, not counting the cell's ``:tags:``-style option lines."""
+    return sum(1 for line in body.splitlines() if line.strip() and not re.match(r"^:\w[\w-]*:", line))
+
+
+def notebook_pages() -> list[Path]:
+    """Every source in the TOC that is a MyST notebook, plus the template."""
+    pages = [ROOT / f"{f}.md" for f in toc_files() if (ROOT / f"{f}.md").exists()]
+    return [p for p in pages if "\njupytext:" in "\n" + p.read_text()] + [TEMPLATE]
+
+
+def test_every_toc_entry_exists():
+    for f in toc_files():
+        assert (ROOT / f"{f}.md").exists() or (ROOT / f"{f}.ipynb").exists(), f"_toc.yml lists {f}, which does not exist"
+
+
+def test_toc_and_chapter_folders_agree():
+    listed = toc_chapters()
+    for entry in listed:
+        parts = Path(entry).parts
+        assert len(parts) == 3 and CHAPTER_DIR.match(parts[1]) and parts[2] == parts[1], (
+            f"{entry}: a chapter lives at notebooks/NN-verb-slug/NN-verb-slug"
+        )
+    on_disk = {f"notebooks/{d.name}/{d.name}" for d in chapter_dirs()}
+    assert on_disk - set(listed) == set(), f"chapter folders missing from _toc.yml: {sorted(on_disk - set(listed))}"
+    assert set(listed) - on_disk == set()
+
+
+def test_folder_numbers_follow_toc_order():
+    numbers = [int(Path(f).parts[1][:2]) for f in toc_chapters()]
+    assert numbers == sorted(set(numbers)), f"chapter numbers in TOC order are {numbers}; NN is the place in the TOC"
+    assert all(n >= 1 for n in numbers)
+
+
+def test_template_is_not_in_toc():
+    assert not any("_template" in f for f in toc_files())
+
+
+@pytest.mark.parametrize("source", [*chapter_sources(), TEMPLATE], ids=lambda p: p.parent.name)
+def test_chapter_has_label_title_and_template_sections(source: Path):
+    text = source.read_text()
+    found = headings(text)
+    titles = [t for level, t in found if level == 1]
+    assert len(titles) == 1, f"{source.name}: exactly one '#' title, found {titles}"
+    slug = source.parent.name[3:] if source != TEMPLATE else "template"
+    label = f"(ch-{slug})="
+    title_line = f"# {titles[0]}"
+    assert f"{label}\n{title_line}" in text, f"{source.name}: the label {label} must sit right above the title"
+    sections = [t for level, t in found if level == 2]
+    positions = []
+    for name in REQUIRED_SECTIONS:
+        assert name in sections, f"{source.name}: missing the section '## {name}'"
+        positions.append(sections.index(name))
+    assert positions == sorted(positions), f"{source.name}: sections must come in the template's order"
+    steps = sections[sections.index("Set up") + 1 : sections.index("What to take away")]
+    assert steps, f"{source.name}: no step sections between 'Set up' and 'What to take away'"
+
+
+@pytest.mark.parametrize("source", [*chapter_sources(), TEMPLATE], ids=lambda p: p.parent.name)
+def test_chapter_starts_with_the_environment_handshake(source: Path):
+    first = CODE_CELL.search(source.read_text())
+    assert first, f"{source.name} has no code cells"
+    body = first.group(1)
+    assert "check_environment(" in body, f"{source.name}: the first cell must run the environment handshake"
+    assert ":tags: [hide-input]" in body
+
+
+@pytest.mark.parametrize("source", notebook_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_cell_over_the_ceiling(source: Path):
+    for body in CODE_CELL.findall(source.read_text()):
+        n = cell_line_count(body)
+        assert n <= MAX_CELL_LINES, (
+            f"{source.relative_to(ROOT)}: a code cell of {n} lines (ceiling {MAX_CELL_LINES}); move code to a "
+            f"companion file and literalinclude it. Cell starts: {body.strip().splitlines()[0]!r}"
+        )
+
+
+def test_no_stored_outputs():
+    tracked = subprocess.run(["git", "ls-files", "*.ipynb"], cwd=ROOT, capture_output=True, text=True)
+    if tracked.returncode == 0:
+        assert tracked.stdout.strip() == "", f"notebooks with stored outputs are tracked: {tracked.stdout.split()}"
+    else:  # not a git checkout: look at the files themselves
+        stray = [p for p in ROOT.glob("notebooks/**/*.ipynb") if ".ipynb_checkpoints" not in p.parts]
+        assert stray == [], f"chapters are MyST Markdown; found {stray}"
+
+
+@pytest.mark.parametrize("source", notebook_pages(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_no_writefile(source: Path):
+    assert "%%writefile" not in source.read_text(), "companion files are real files, never %%writefile"
+
+
+def companion_files(chapter: Path) -> list[Path]:
+    return sorted(
+        p for p in chapter.iterdir()
+        if p.is_file() and p.name not in {f"{chapter.name}.md", "README.md"} and not p.name.startswith(".")
+    )
+
+
+def scripts() -> list[Path]:
+    return [
+        p for d in chapter_dirs() for p in companion_files(d)
+        if p.suffix == ".py" and re.search(r"^if __name__ == .__main__.:", p.read_text(), re.M)
+    ]
+
+
+@pytest.mark.parametrize("script", scripts(), ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_script_answers_help(script: Path):
+    done = subprocess.run([sys.executable, str(script), "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{script.name} --help failed:\n{done.stderr[-2000:]}"
+    assert "usage" in done.stdout.lower(), f"{script.name} --help printed no usage line"
+
+
+@pytest.mark.parametrize("chapter", chapter_dirs(), ids=lambda p: p.name)
+def test_chapter_folder_readme_lists_every_file(chapter: Path):
+    files = companion_files(chapter)
+    if not files:
+        return
+    readme = chapter / "README.md"
+    assert readme.exists(), f"{chapter.name} has companion files but no README.md listing them"
+    text = readme.read_text()
+    for f in [chapter / f"{chapter.name}.md", *files]:
+        assert f.name in text, f"{chapter.name}/README.md does not mention {f.name}"
+
+
+@pytest.mark.parametrize("chapter", chapter_dirs(), ids=lambda p: p.name)
+def test_chapter_with_companion_code_has_its_test_file(chapter: Path):
+    if not any(p.suffix == ".py" for p in companion_files(chapter)):
+        return
+    test_file = ROOT / "tests" / f"test_{chapter.name.replace('-', '_')}.py"
+    assert test_file.exists(), f"{chapter.name} has companion code; its tests belong in tests/{test_file.name}"
+
+
+def test_welcome_page_links_every_chapter():
+    intro = (ROOT / "book" / "intro.md").read_text()
+    for entry in toc_chapters():
+        slug = Path(entry).parts[1][3:]
+        assert f"<ch-{slug}>" in intro or f"`ch-{slug}`" in intro, f"book/intro.md does not link ch-{slug}"
+
+
+def test_readme_chapter_table_has_every_chapter():
+    readme = (ROOT / "README.md").read_text()
+    for entry in toc_chapters():
+        folder = Path(entry).parts[1]
+        assert re.search(rf"^\|.*notebooks/{re.escape(folder)}/?.*\|", readme, re.M), (
+            f"README.md's chapter table has no row for {folder}"
+        )
