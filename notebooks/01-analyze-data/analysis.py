@@ -75,8 +75,8 @@ def naive_target_encoding(df: pd.DataFrame, key: str, target: pd.Series) -> pd.S
 def sex_model(encode: str, seed: int):
     """Logistic regression for sex from body size and species.
 
-    ``encode``: "none" (no bird key), "precomputed" (reads a column encoded before the split: the
-    leak), or "pipeline" (scikit-learn's TargetEncoder, fitted on each training fold only).
+    ``encode``: "none" (no bird key); "precomputed" (reads a column encoded before the
+    split: the leak); "pipeline" (TargetEncoder, fitted on each training fold only).
     """
     parts = [(StandardScaler(), BODY), (OneHotEncoder(), ["species"])]
     if encode == "precomputed":
@@ -85,8 +85,9 @@ def sex_model(encode: str, seed: int):
         inner = KFold(n_splits=5, shuffle=True, random_state=seed)
         parts.append((TargetEncoder(cv=inner), ["bird_key"]))
     elif encode != "none":
-        raise ValueError(f"encode must be none, precomputed or pipeline, not {encode!r}")
-    return make_pipeline(make_column_transformer(*parts), LogisticRegression(max_iter=1000))
+        raise ValueError(f"encode must be none, precomputed or pipeline: {encode!r}")
+    return make_pipeline(make_column_transformer(*parts),
+                         LogisticRegression(max_iter=1000))
 
 
 def paired_scores(models: dict, X: pd.DataFrame, y: pd.Series, scoring: str, seed: int) -> pd.DataFrame:
@@ -122,7 +123,7 @@ def plausible_rowwise(df: pd.DataFrame, limits: dict) -> pd.Series:
 
 
 def plausible_vectorized(df: pd.DataFrame, limits: dict) -> pd.Series:
-    """The same rule on whole columns: one code per row, one bound per species, one comparison."""
+    """The same rule on whole columns: a code per row, a bound per species, one compare."""
     codes, species = pd.factorize(df["species"])
     if (codes < 0).any():
         raise ValueError("species is missing in some rows; the rule needs it")

@@ -19,8 +19,15 @@ ISLANDS = ["Biscoe", "Dream", "Torgersen"]
 STUDIES = ["PAL0708", "PAL0809", "PAL0910"]
 
 
+ID_RULE = "individual_id looks like N12A1"
+
+
 def _in_range(low: float, high: float, what: str) -> pa.Check:
     return pa.Check.in_range(low, high, error=f"{what} in [{low:g}, {high:g}]")
+
+
+def _one_of(values: list[str], rule: str) -> pa.Check:
+    return pa.Check.isin(values, error=rule)
 
 
 def _in_season(df: pd.DataFrame) -> pd.Series:
@@ -35,36 +42,40 @@ SEASON_RULE = "egg date lies in its study's season"
 def build_schema(extra_rules: dict | None = None) -> pa.DataFrameSchema:
     """The contract for the clean table.
 
-    ``extra_rules`` adds table-wide rules as ``{name: (function of the frame -> bool Series, columns)}``;
-    ``columns`` are the ones the failure report quotes (a table-wide check otherwise names them all).
+    ``extra_rules`` adds table-wide rules as ``{name: (frame -> bool Series, columns)}``;
+    the failure report quotes those ``columns`` (a table-wide check names them all).
     """
     rules = {SEASON_RULE: (_in_season, ("study_name", "date_egg")), **(extra_rules or {})}
+    col, check = pa.Column, pa.Check
     return pa.DataFrameSchema(
         {
-            "raw_line": pa.Column(int, pa.Check.ge(2, error="raw_line is a data line of the CSV"), unique=True),
-            "study_name": pa.Column(str, pa.Check.isin(STUDIES, error="study_name is a known study")),
-            "sample_number": pa.Column(int, pa.Check.ge(1, error="sample_number >= 1")),
-            "species": pa.Column(str, pa.Check.isin(SPECIES, error="species is one of the three short names")),
-            "island": pa.Column(str, pa.Check.isin(ISLANDS, error="island is a sampled island")),
-            "individual_id": pa.Column(str, pa.Check.str_matches(r"^N\d+A[12]$", error="individual_id looks like N12A1")),
-            "clutch_completion": pa.Column(bool),
-            "date_egg": pa.Column("datetime64[us]"),
-            "year": pa.Column(int, _in_range(2007, 2009, "year")),
-            "bill_length_mm": pa.Column(float, _in_range(25, 70, "bill length in mm")),
-            "bill_depth_mm": pa.Column(float, _in_range(10, 25, "bill depth in mm")),
-            "flipper_length_mm": pa.Column(float, _in_range(150, 250, "flipper length in mm")),
-            "body_mass_g": pa.Column(float, _in_range(2000, 7000, "body mass in grams")),
-            "sex": pa.Column(str, pa.Check.isin(["female", "male"], error="sex is female or male"), nullable=True),
-            "delta_15n_permil": pa.Column(float, _in_range(5, 12, "delta 15N in per mil"), nullable=True),
-            "delta_13c_permil": pa.Column(float, _in_range(-30, -20, "delta 13C in per mil"), nullable=True),
-            "outlier_flag": pa.Column(bool),
-            "comments": pa.Column(str, nullable=True),
+            "raw_line": col(int, check.ge(2, error="raw_line is a CSV data line"), unique=True),
+            "study_name": col(str, _one_of(STUDIES, "study_name is a known study")),
+            "sample_number": col(int, check.ge(1, error="sample_number >= 1")),
+            "species": col(str, _one_of(SPECIES, "species is one of the three short names")),
+            "island": col(str, _one_of(ISLANDS, "island is a sampled island")),
+            "individual_id": col(str, check.str_matches(r"^N\d+A[12]$", error=ID_RULE)),
+            "clutch_completion": col(bool),
+            "date_egg": col("datetime64[us]"),
+            "year": col(int, _in_range(2007, 2009, "year")),
+            "bill_length_mm": col(float, _in_range(25, 70, "bill length in mm")),
+            "bill_depth_mm": col(float, _in_range(10, 25, "bill depth in mm")),
+            "flipper_length_mm": col(float, _in_range(150, 250, "flipper length in mm")),
+            "body_mass_g": col(float, _in_range(2000, 7000, "body mass in grams")),
+            "sex": col(str, _one_of(["female", "male"], "sex is female or male"),
+                       nullable=True),
+            "delta_15n_permil": col(float, _in_range(5, 12, "delta 15N in per mil"),
+                                    nullable=True),
+            "delta_13c_permil": col(float, _in_range(-30, -20, "delta 13C in per mil"),
+                                    nullable=True),
+            "outlier_flag": col(bool),
+            "comments": col(str, nullable=True),
         },
-        checks=[pa.Check(fn, error=name) for name, (fn, _) in rules.items()],
+        checks=[check(fn, error=name) for name, (fn, _) in rules.items()],
         unique=["study_name", "species", "sample_number"],
-        report_duplicates="exclude_first",
-        strict=True,
-        ordered=True,
+        report_duplicates="exclude_first",  # the first copy is the good one
+        strict=True,  # no extra columns
+        ordered=True,  # in this order
         name="penguins_clean",
         metadata={"rule_columns": {name: cols for name, (_, cols) in rules.items()}},
     )

@@ -82,10 +82,11 @@ class DecisionLog:
         self.decisions.append(dict(step=step, action=action, columns=columns, reason=reason,
                                    rows=int(rows), rows_left=int(rows_left)))
 
-    def set_aside(self, df: pd.DataFrame, mask: pd.Series, step: str, reason: str) -> pd.DataFrame:
+    def set_aside(self, df: pd.DataFrame, mask: pd.Series, step: str, reason: str):
         """Move the rows where ``mask`` is true to the quarantine; return the rest."""
         mask = mask.fillna(False).astype(bool)
-        self.quarantine.append(df[mask].assign(quarantine_step=step, quarantine_reason=reason))
+        aside = df[mask].assign(quarantine_step=step, quarantine_reason=reason)
+        self.quarantine.append(aside)
         kept = df[~mask]
         self.record(step, "set rows aside", "all", reason, int(mask.sum()), len(kept))
         return kept
@@ -190,10 +191,10 @@ def parse_dates(df: pd.DataFrame, log: DecisionLog) -> pd.DataFrame:
 
 
 def set_aside_unmeasured(df: pd.DataFrame, log: DecisionLog) -> pd.DataFrame:
-    """Rows with no body measurement at all describe a bird that was not sampled: set them aside."""
+    """A row with no body measurement at all is a bird that was not sampled: set it aside."""
     unmeasured = df[BODY].isna().all(axis=1)
-    return log.set_aside(df, unmeasured, "set_aside_unmeasured",
-                         "no body measurement at all ('Adult not sampled.' in comments)")
+    reason = "no body measurement at all ('Adult not sampled.' in comments)"
+    return log.set_aside(df, unmeasured, "set_aside_unmeasured", reason)
 
 
 def keep_missing_isotopes(df: pd.DataFrame, log: DecisionLog) -> pd.DataFrame:

@@ -49,7 +49,8 @@ def caveats(clean, z: float) -> list[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=HERE / "artifacts", help="output folder (default: ./artifacts)")
+    parser.add_argument("--out", type=Path, default=HERE / "artifacts",
+                        help="output folder (default: ./artifacts)")
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(HERE))
@@ -59,13 +60,15 @@ def main(argv: list[str] | None = None) -> dict:
     raw = cleaning.load_raw()
     clean, log = cleaning.clean(raw)
     accounts = log.account(clean)
-    passed, report = clean_schema.validate(clean)
+    _, report = clean_schema.validate(clean)
     if len(report):
-        raise SystemExit(f"the clean table breaks the schema; nothing written:\n{report.to_string()}")
+        raise SystemExit("the clean table breaks the schema; nothing written:\n"
+                         + report.to_string())
     card = cleaning.data_card(clean, log, caveats(clean, cleaning.OUTLIER_Z))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    paths = {name: args.out / name for name in ("penguins_clean.parquet", "penguins_set_aside.parquet", "DATACARD.md")}
+    names = ("penguins_clean.parquet", "penguins_set_aside.parquet", "DATACARD.md")
+    paths = {name: args.out / name for name in names}
     cleaning.write_parquet(clean, paths["penguins_clean.parquet"], {"data_card": card})
     cleaning.write_parquet(log.quarantined(), paths["penguins_set_aside.parquet"])
     tmp = paths["DATACARD.md"].with_name(".DATACARD.md.tmp")
