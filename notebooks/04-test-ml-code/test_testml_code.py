@@ -27,7 +27,7 @@ from testml_model import MassModel, make_net
 # even with database=None. Keep that cache out of the repository, for the whole session.
 set_hypothesis_home_dir(Path(tempfile.gettempdir()) / "gradient-rage-hypothesis")
 # Same examples on every run and machine, no database folder, no "explain" phase noise in reports.
-PROPERTY = settings(derandomize=True, database=None, max_examples=100, deadline=None,
+PROPERTY = settings(derandomize=True, database=None, max_examples=50, deadline=None,
                     phases=[Phase.explicit, Phase.generate, Phase.shrink])
 
 

@@ -93,26 +93,57 @@ BUGS = [
 ]
 BUG_BY_NAME = {bug.name: bug for bug in BUGS}
 
+# The kind of every real test, for the chapter's summary of which kind caught which bug.
+KINDS = {
+    "unit": ["test_transform_has_one_float32_row_per_input_row",
+             "test_transform_introduces_no_nan_for_missing_or_unknown_values",
+             "test_a_missing_value_is_filled_with_the_training_median", "test_transform_never_refits",
+             "test_mae_refuses_arrays_of_different_shapes"],
+    "property": ["test_unscale_inverts_scale", "test_mae_is_bounded_symmetric_and_zero_on_a_perfect_fit",
+                 "test_permuting_rows_permutes_predictions"],
+    "data": ["test_table_matches_the_schema", "test_schema_names_the_rows_that_break_it",
+             "test_split_is_disjoint_and_complete", "test_test_split_looks_like_the_training_split",
+             "test_drift_check_flags_a_shifted_batch"],
+    "behaviour": ["test_column_order_does_not_change_predictions",
+                  "test_columns_the_model_does_not_use_do_not_change_predictions",
+                  "test_a_row_gets_the_same_prediction_alone_or_in_a_batch",
+                  "test_males_are_predicted_heavier_than_otherwise_identical_females",
+                  "test_longer_flippers_predict_more_mass", "test_typical_penguins_are_predicted_near_their_group"],
+    "smoke": ["test_loss_decreases_on_a_tiny_batch", "test_a_single_batch_can_be_overfit",
+              "test_training_is_deterministic_under_a_seed"],
+    "skew": ["test_saved_and_served_model_predicts_what_the_trained_one_does",
+             "test_one_request_alone_gets_the_batch_prediction", "test_serving_names_the_missing_field"],
+    "regression": ["test_test_mae_stays_within_seed_noise"],
+}
+
 
 @dataclass
 class SuiteResult:
     outcomes: dict[str, str]  # test function name -> "passed", "failed", "error" or "skipped"
+    modules: dict[str, str]  # test function name -> the test file it is in, without ".py"
     output: str  # what pytest printed
     diff: str  # the planted bug, as a unified diff ("" for the clean pipeline)
 
-    def names(self, outcome: str) -> list[str]:
-        return [name for name, got in self.outcomes.items() if got == outcome]
+    def tests(self, *, bad: bool | None = False) -> list[str]:
+        """The real tests (default), the bad ones (``bad=True``) or all of them (``bad=None``)."""
+        return [name for name, module in self.modules.items()
+                if bad is None or bad == (module == Path(BAD_TESTS[1]).stem)]
 
-    def count(self, outcome: str, tests: list[str] | None = None) -> int:
-        return sum(1 for name in self.names(outcome) if tests is None or name in tests)
+    def names(self, outcome: str, *, bad: bool | None = False) -> list[str]:
+        """The tests among ``self.tests(bad=bad)`` whose outcome is ``outcome``."""
+        return [name for name in self.tests(bad=bad) if self.outcomes[name] == outcome]
+
+    def count(self, outcome: str, *, bad: bool | None = False) -> int:
+        return len(self.names(outcome, bad=bad))
 
     def failure(self, test: str, max_lines: int = 30) -> str:
-        """The short traceback pytest printed for ``test``, trimmed to ``max_lines``."""
+        """The short traceback pytest printed for ``test``, without its "+ where" explanations, trimmed."""
         lines = self.output.splitlines()
-        start = next(i for i, line in enumerate(lines) if line.strip("_ ") == test and line.startswith("_"))
+        start = next(i for i, line in enumerate(lines) if line.startswith("_") and line.strip("_ ") == test)
         end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith(("___", "==="))), len(lines))
-        block = lines[start:end]
-        return "\n".join(block[:max_lines] + ([f"... ({len(block) - max_lines} more lines)"] if len(block) > max_lines else []))
+        block = [line for line in lines[start:end] if not line.startswith("E    +")]
+        more = [f"... ({len(block) - max_lines} more lines)"] if len(block) > max_lines else []
+        return "\n".join(block[:max_lines] + more)
 
     def summary(self) -> str:
         """pytest's last line, without the timing: "1 failed, 28 passed"."""
@@ -120,15 +151,17 @@ class SuiteResult:
         return last.rsplit(" in ", 1)[0]
 
 
-def outcomes_from_junit(path: Path) -> dict[str, str]:
-    outcomes = {}
+def read_junit(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(test name -> outcome, test name -> module) from pytest's ``--junitxml`` report."""
+    outcomes, modules = {}, {}
     for case in ET.parse(path).getroot().iter("testcase"):
-        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
         name = case.get("name")
         if name in outcomes:
             raise ValueError(f"two tests are named {name}; the chapter keys results by name")
-        outcomes[name] = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(kinds[0] if kinds else "", "passed")
-    return outcomes
+        tags = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        outcomes[name] = {"failure": "failed", "error": "error", "skipped": "skipped"}.get(tags[0] if tags else "", "passed")
+        modules[name] = case.get("classname").rsplit(".", 1)[-1]
+    return outcomes, modules
 
 
 def run_suite(workdir: Path, bug: str | None = None, *, bad_tests: bool = True, marks: str | None = None,
@@ -149,13 +182,13 @@ def run_suite(workdir: Path, bug: str | None = None, *, bad_tests: bool = True, 
     diff = BUG_BY_NAME[bug].plant(workdir) if bug else ""
     report = workdir / "report.xml"
     report.unlink(missing_ok=True)
-    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "-p", "no:cacheprovider", f"--junitxml={report}"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "--tb=short", "--color=no", "-p", "no:cacheprovider", f"--junitxml={report}"]
     cmd += ["-m", marks] if marks else []
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout)
     if not report.exists():
         raise RuntimeError(f"pytest did not run (exit {done.returncode}):\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return SuiteResult(outcomes_from_junit(report), done.stdout + done.stderr, diff)
+    return SuiteResult(*read_junit(report), done.stdout + done.stderr, diff)
 
 
 def main() -> None:
@@ -172,8 +205,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="testml-") as scratch:
         result = run_suite(Path(scratch), args.bug, bad_tests=not args.no_bad_tests, marks=args.marks)
     print(result.diff + result.output)
-    print(json.dumps({"bug": args.bug, "failed": result.names("failed") + result.names("error"),
-                      "passed": result.count("passed"), "summary": result.summary()}))
+    print(json.dumps({"bug": args.bug, "failed": result.names("failed", bad=None) + result.names("error", bad=None),
+                      "passed": result.count("passed", bad=None), "summary": result.summary()}))
 
 
 if __name__ == "__main__":
