@@ -36,7 +36,7 @@ def tables() -> tuple[pd.DataFrame, pd.DataFrame]:
     return split(load_table())
 
 
-# Unit tests of the transform: shape, dtype, no NaN, statistics from the training rows only.
+# Unit tests of the transform (shape, dtype, no NaN, statistics from training rows) and the metric.
 
 
 def test_transform_has_one_float32_row_per_input_row(tables):
@@ -75,6 +75,12 @@ def test_transform_never_refits(tables):
     np.testing.assert_allclose(pre.means_, train[NUMERIC].mean())
 
 
+def test_mae_refuses_arrays_of_different_shapes():
+    y = np.arange(5.0)
+    with pytest.raises(ValueError, match="shape"):
+        mean_absolute_error(y, y[:, None])  # broadcasting would return a 5x5 mean and no error
+
+
 # Property tests: what must hold for every input, not just for the rows we thought of.
 
 def finite(shape, bound: float = 1e6):
@@ -100,12 +106,6 @@ def test_mae_is_bounded_symmetric_and_zero_on_a_perfect_fit(pair):
     assert 0 <= error <= np.abs(y_true - y_pred).max() * (1 + 1e-12)
     assert error == mean_absolute_error(y_pred, y_true)
     assert mean_absolute_error(y_true, y_true) == 0
-
-
-def test_mae_refuses_arrays_of_different_shapes():
-    y = np.arange(5.0)
-    with pytest.raises(ValueError, match="shape"):
-        mean_absolute_error(y, y[:, None])  # broadcasting would return a 5x5 mean and no error
 
 
 @pytest.fixture(scope="module")
