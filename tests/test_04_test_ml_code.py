@@ -82,7 +82,9 @@ def test_list_names_every_bug():
     done = subprocess.run([sys.executable, str(CHAPTER / "testml_bugs.py"), "--list"],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
-    assert [line.split()[0] for line in done.stdout.splitlines()] == [bug.name for bug in bugs.BUGS]
+    *table, last = done.stdout.splitlines()
+    assert [line.split()[0] for line in table] == [bug.name for bug in bugs.BUGS]
+    assert json.loads(last) == {"bugs": [bug.name for bug in bugs.BUGS]}
 
 
 @pytest.mark.slow

@@ -201,6 +201,7 @@ def main() -> None:
     if args.list:
         for bug in BUGS:
             print(f"{bug.name:20} {bug.kind:11} {bug.story}")
+        print(json.dumps({"bugs": [bug.name for bug in BUGS]}))
         return
     with tempfile.TemporaryDirectory(prefix="testml-") as scratch:
         result = run_suite(Path(scratch), args.bug, bad_tests=not args.no_bad_tests, marks=args.marks)
