@@ -1,0 +1,98 @@
+"""Chapter 04's companion code: the planted bugs and the runner that shows the tests catching them.
+
+The pipeline's own tests (``notebooks/04-test-ml-code/test_testml_*.py``) run in this same pytest
+session. This file protects what the chapter relies on to demonstrate them: every bug still applies
+to the current pipeline, the runner reads pytest's report correctly, the bad tests stay out of the
+repository's run, and, in one real process, a planted bug makes its test fail while the pipeline's
+files stay untouched.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import NOTEBOOKS, load_module
+
+CHAPTER = NOTEBOOKS / "04-test-ml-code"
+bugs = load_module(CHAPTER / "testml_bugs.py")
+
+
+@pytest.mark.parametrize("bug", bugs.BUGS, ids=lambda bug: bug.name)
+def test_every_bug_still_applies_as_a_one_line_change(bug, tmp_path):
+    shutil.copy(CHAPTER / bug.file, tmp_path / bug.file)
+    diff = bug.plant(tmp_path).splitlines()
+    removed = [line for line in diff if line.startswith("-") and not line.startswith("---")]
+    added = [line for line in diff if line.startswith("+") and not line.startswith("+++")]
+    assert len(removed) == len(added) == 1 and bug.fixed in removed[0] and bug.buggy in added[0]
+    assert bug.caught_by in bugs.KINDS[bug.kind], f"{bug.name} is meant for a {bug.kind} test"
+
+
+def test_planting_refuses_a_bug_whose_line_is_gone(tmp_path):
+    (tmp_path / "testml_data.py").write_text("def load_table():\n    return None\n")
+    with pytest.raises(ValueError, match="exactly once"):
+        bugs.BUG_BY_NAME["fill_zero"].plant(tmp_path)
+
+
+def test_every_real_test_has_a_kind_and_the_bad_tests_are_not_collected():
+    found = {node.name for name in bugs.TESTS for node in ast.walk(ast.parse((CHAPTER / name).read_text()))
+             if isinstance(node, ast.FunctionDef) and node.name.startswith("test_")}
+    kinds = [name for names in bugs.KINDS.values() for name in names]
+    assert sorted(found) == sorted(kinds)
+    assert not bugs.BAD_TESTS[0].startswith("test_") and bugs.BAD_TESTS[1].startswith("test_")
+
+
+JUNIT = """<?xml version="1.0" encoding="utf-8"?><testsuites><testsuite name="pytest" tests="4">
+<testcase classname="test_testml_code" name="test_a" time="0.1"/>
+<testcase classname="test_testml_code" name="test_b" time="0.1"><failure message="boom">x</failure></testcase>
+<testcase classname="test_testml_model" name="test_c" time="0.1"><error message="fixture">y</error></testcase>
+<testcase classname="test_testml_bad" name="test_d" time="0.1"><skipped message="why"/></testcase>
+</testsuite></testsuites>"""
+
+OUTPUT = """.F
+=================================== FAILURES ===================================
+____________________________________ test_b ____________________________________
+test_testml_code.py:3: in test_b
+    assert x == 1
+E   assert 2 == 1
+E    +  where 2 = f()
+___________________________________ test_c ____________________________________
+other
+=========================== short test summary info ============================
+1 failed, 1 passed, 1 error, 1 skipped in 3.21s
+"""
+
+
+def test_runner_reads_outcomes_failures_and_summary(tmp_path):
+    (tmp_path / "report.xml").write_text(JUNIT)
+    outcomes, modules = bugs.read_junit(tmp_path / "report.xml")
+    assert outcomes == {"test_a": "passed", "test_b": "failed", "test_c": "error", "test_d": "skipped"}
+    result = bugs.SuiteResult(outcomes, modules, OUTPUT, "")
+    assert result.tests() == ["test_a", "test_b", "test_c"] and result.tests(bad=True) == ["test_d"]
+    assert result.names("failed") == ["test_b"] and result.count("skipped", bad=None) == 1
+    assert result.failure("test_b").splitlines()[-1] == "E   assert 2 == 1"  # "+ where" dropped
+    assert result.summary() == "1 failed, 1 passed, 1 error, 1 skipped"
+
+
+def test_list_names_every_bug():
+    done = subprocess.run([sys.executable, str(CHAPTER / "testml_bugs.py"), "--list"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    *table, last = done.stdout.splitlines()
+    assert [line.split()[0] for line in table] == [bug.name for bug in bugs.BUGS]
+    assert json.loads(last) == {"bugs": [bug.name for bug in bugs.BUGS]}
+
+
+@pytest.mark.slow
+def test_a_planted_bug_fails_its_test_in_a_real_pytest_process():
+    bug = bugs.BUG_BY_NAME["batch_median"]
+    done = subprocess.run([sys.executable, str(CHAPTER / "testml_bugs.py"), "--bug", bug.name, "-m", "not slow",
+                           "--no-bad-tests"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["failed"] == [bug.caught_by] and report["passed"] > 20
+    assert (CHAPTER / bug.file).read_text().count(bug.fixed) == 1, "the planted bug leaked into the real file"
