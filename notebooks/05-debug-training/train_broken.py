@@ -23,14 +23,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-import torch
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
-from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
 HERE = Path(__file__).resolve().parent
 DATA_DIR = HERE / "artifacts" / "digits"
 LOST_ID = 1600  # the image our copy of the export lost: the data fault we were handed
@@ -49,6 +41,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="exported there on first use")
     return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+    parse_args()  # answer --help and reject bad flags before the slow imports below
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 
 def export_digits(data_dir: Path = DATA_DIR) -> Path:
