@@ -80,7 +80,7 @@ def notebook_docs() -> list[str]:
 def test_book_builds_from_clean_with_warnings_as_errors(build):
     returncode, log, html, _ = build
     if returncode != 0:
-        warnings = [line for line in log.splitlines() if "WARNING" in line or "ERROR" in line]
+        warnings = [line for line in log.splitlines() if ": WARNING:" in line or ": ERROR:" in line]
         pytest.fail(
             f"jupyter-book build -W -n --keep-going failed (exit {returncode}).\n"
             f"Pages that failed to execute: {failed_pages(log, html) or 'none'}\n"
