@@ -23,7 +23,6 @@ import inspect
 import os
 import platform
 import subprocess
-import sys
 import typing
 from dataclasses import asdict, dataclass, fields
 from importlib import metadata
