@@ -22,7 +22,7 @@ CHAPTER = NOTEBOOKS / "08-train-distributed"
 core = load_module(CHAPTER / "ddp_core.py")
 launch = load_module(CHAPTER / "launch.py")
 SCRIPTS = ["train_ddp.py", "pitfalls.py", "bench_ddp.py", "slow_save.py"]
-FLAGS = ["--steps", 40, "--global-batch", 64, "--ckpt-every", 10]
+FLAGS = ["--steps", 40, "--global-batch", 64, "--ckpt-every", 10, "--device", "cpu"]
 
 
 class Killed(Exception):

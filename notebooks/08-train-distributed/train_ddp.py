@@ -45,6 +45,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
     p.add_argument("--shard", action="store_true", help="FSDP2 (fully_shard), not DDP")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
+    p.add_argument("--device", choices=["auto", "cpu"], default="auto",
+                   help="auto: CUDA and NCCL when every local worker has a GPU of its own, "
+                        "else CPU and gloo; cpu: always CPU and gloo")
     p.add_argument("--run-dir", type=Path, default=None,
                    help="where rank 0 writes checkpoint.pt, losses.jsonl and final.pt")
     p.add_argument("--ckpt-every", type=int, default=10,
@@ -64,7 +67,7 @@ def main(argv=None) -> dict:
 
     cfg = core.Config(steps=args.steps, global_batch=args.global_batch, lr=args.lr,
                       seed=args.seed, samples=args.samples, hidden=args.hidden)
-    env = core.setup()
+    env = core.setup(cpu=args.device == "cpu")
     try:
         return run(args, cfg, env, core)
     finally:
