@@ -1,0 +1,153 @@
+"""Time a training step: compute against all-reduce, bucket sizes, 1 against 2 processes.
+
+Why a file and not a cell: communication costs only exist between real worker processes,
+and a fair single-process baseline needs a fresh process that sets its own thread count.
+This file does both: under torchrun it times DDP; launched alone it times one process at
+the thread counts given. Timings are medians of rounds after a warm-up, on the CPU on
+purpose (threads and cores are what it compares). The last line printed is one JSON object.
+
+Launch lines, from this folder:
+
+    python bench_ddp.py --threads 1 2          # one process, 1 then 2 torch threads
+    python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \\
+        --master-port 29500 bench_ddp.py       # 2 workers; torchrun sets OMP_NUM_THREADS=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--batches", type=int, nargs="+", default=[64, 512],
+                   help="global batch sizes (samples per step over all workers)")
+    p.add_argument("--features", type=int, default=256)
+    p.add_argument("--hidden", type=int, default=1024, help="width of the wide model")
+    p.add_argument("--depth", type=int, default=48, help="layers of the deep model")
+    p.add_argument("--buckets", type=float, nargs="+", default=[0.01, 1.0, 25.0],
+                   help="DDP bucket_cap_mb values for the deep model (25: the default)")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                   help="thread counts to time (single process only)")
+    p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
+    p.add_argument("--steps", type=int, default=4, help="steps per round")
+    return p.parse_args(argv)
+
+
+def make_model(args, deep: bool = False):
+    """Wide: 3 hidden layers of ``hidden`` (few, large gradient tensors). Deep: ``depth``
+    layers of 128 (many small ones, as in a transformer: then bucketing matters)."""
+    import torch
+
+    torch.manual_seed(0)
+    width, layers = (128, args.depth) if deep else (args.hidden, 3)
+    stack = [torch.nn.Linear(args.features, width), torch.nn.ReLU()]
+    for _ in range(layers - 1):
+        stack += [torch.nn.Linear(width, width), torch.nn.ReLU()]
+    return torch.nn.Sequential(*stack, torch.nn.Linear(width, 1))
+
+
+def time_rounds(fn, args, sync=lambda: None) -> float:
+    """Median seconds per call of ``fn``: 2 warm-up calls, then rounds of ``steps`` calls."""
+    fn(), fn()
+    rounds = []
+    for _ in range(args.rounds):
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            fn()
+        sync()
+        rounds.append((time.perf_counter() - t0) / args.steps)
+    return statistics.median(rounds)
+
+
+def step_fn(model, x, y, no_sync=False):
+    """One SGD step on (x, y); under ``no_sync`` DDP skips the all-reduce (compute only)."""
+    import contextlib
+
+    import torch
+
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def bench_single(args) -> dict:
+    import torch
+
+    found = {}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in args.batches:
+            x, y = torch.randn(batch, args.features), torch.randn(batch, 1)
+            step = step_fn(make_model(args), x, y)
+            found[f"step_s_b{batch}_t{threads}"] = time_rounds(step, args)
+    return found
+
+
+def bench_ddp(args, env, core) -> dict:
+    import torch
+    import torch.distributed as dist
+
+    found = {"threads": torch.get_num_threads()}
+    for batch in args.batches:
+        local = batch // env.world
+        x, y = torch.randn(local, args.features), torch.randn(local, 1)
+        model = core.wrap(make_model(args), env)
+        found[f"step_s_b{batch}"] = time_rounds(step_fn(model, x, y), args, dist.barrier)
+        compute = step_fn(model, x, y, no_sync=True)
+        found[f"step_s_b{batch}_no_sync"] = time_rounds(compute, args, dist.barrier)
+    n_params = sum(p.numel() for p in model.parameters())
+    x, y = x[: args.batches[0] // env.world], y[: args.batches[0] // env.world]
+    for cap in args.buckets:
+        deep = core.wrap(make_model(args, deep=True), env, bucket_cap_mb=cap)
+        step = step_fn(deep, x, y)
+        found[f"deep_step_s_bucket{cap:g}"] = time_rounds(step, args, dist.barrier)
+        buckets = deep.reducer._get_zeros_like_grad_buckets()  # private API, display only
+        found[f"deep_buckets_{cap:g}"] = len(buckets)
+    found["deep_tensors"] = len(list(deep.parameters()))
+    for name, numel in (("grad", n_params), ("small", 1024)):
+        buf = torch.zeros(numel)
+        all_reduce = lambda: dist.all_reduce(buf)  # noqa: E731
+        found[f"allreduce_s_{name}"] = time_rounds(all_reduce, args, dist.barrier)
+    pids = [None] * env.world
+    dist.all_gather_object(pids, os.getpid())
+    found.update(params=n_params, grad_bytes=4 * n_params, pids=pids,
+                 tensors=len(list(model.parameters())))
+    return found
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)  # before the heavy imports, so --help answers at once
+    sys.path.insert(0, str(HERE))
+    import ddp_core as core
+
+    env = core.setup(cpu=True)
+    try:
+        if env.world == 1:
+            result = {"world": 1, **bench_single(args), "pids": [os.getpid()]}
+        else:
+            result = {"world": env.world, **bench_ddp(args, env, core)}
+        if env.rank == 0:
+            print(json.dumps(result), flush=True)
+        return result
+    finally:
+        core.teardown()
+
+
+if __name__ == "__main__":
+    main()
