@@ -124,6 +124,17 @@ def test_checkpoint_round_trip_restores_weights_optimizer_and_progress(tiny, tmp
     assert list(tmp_path.iterdir()) == [tmp_path / "ckpt.safetensors"], "temporary file left behind"
 
 
+def test_the_same_checkpoint_is_the_same_bytes(tiny, tmp_path):
+    """Identical runs can be compared by file hash: the header must not vary between saves."""
+    model, optimizer = trained(tiny)
+    progress = {"epoch": 1, "b": 2, "a": [1, 2]}
+    blobs = set()
+    for i in range(5):
+        tr.save_checkpoint(tmp_path / f"{i}.safetensors", model, optimizer, progress)
+        blobs.add((tmp_path / f"{i}.safetensors").read_bytes())
+    assert len(blobs) == 1
+
+
 def test_loading_a_missing_file_says_so(tmp_path):
     with pytest.raises(tr.CheckpointError, match="no checkpoint"):
         tr.load_checkpoint(tmp_path / "nope.safetensors", tr.DigitsCNN())

@@ -1,12 +1,13 @@
-"""Softmax (multinomial logistic) regression written out in NumPy, with hand-derived gradients.
+"""Softmax (multinomial logistic) regression in NumPy, with hand-derived gradients.
 
-This is a file and not a chapter cell so that the tests can check the gradient against finite
-differences on their own (tests/test_02_train_models.py), and so that the chapter can show each
-function with ``literalinclude``. It is a library, not a script: nothing runs at import.
+This is a file and not a chapter cell so that the tests can check the gradient against
+finite differences on their own (tests/test_02_train_models.py), and so that the chapter
+can show each function with ``literalinclude``. It is a library, not a script: nothing
+runs at import.
 
-The model maps a row ``x`` (d features) to class probabilities ``softmax(x @ W + b)`` with
-``W`` of shape (d, k) and ``b`` of shape (k,). The objective is the mean cross-entropy plus an L2
-penalty on ``W`` (not on ``b``)::
+The model maps a row ``x`` (d features) to class probabilities ``softmax(x @ W + b)``
+with ``W`` of shape (d, k) and ``b`` of shape (k,). The objective is the mean
+cross-entropy plus an L2 penalty on ``W`` (not on ``b``)::
 
     J(W, b) = mean_i[-log p_i,y_i] + (l2 / 2) * ||W||^2
 
@@ -28,11 +29,11 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def loss_and_grad(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray, l2: float = 0.0):
-    """Objective J and its gradients dJ/dW, dJ/db for a batch ``X`` (n, d) with labels ``y`` (n,).
+def loss_and_grad(W, b, X, y, l2: float = 0.0):
+    """Objective J and its gradients dJ/dW, dJ/db for rows ``X`` (n, d), labels ``y`` (n,).
 
-    Derivation: with p = softmax(XW + b) and Y the one-hot labels, dJ/dlogits = (p - Y) / n;
-    the chain rule through logits = XW + b gives dW = X^T (p - Y) / n + l2 W and db = sum(p - Y) / n.
+    With p = softmax(XW + b) and Y the one-hot labels, dJ/dlogits = (p - Y) / n, and the
+    chain rule through XW + b gives dW = X^T (p - Y) / n + l2 W, db = sum_i (p - Y) / n.
     """
     n = X.shape[0]
     p = softmax(X @ W + b)
@@ -44,7 +45,7 @@ def loss_and_grad(W: np.ndarray, b: np.ndarray, X: np.ndarray, y: np.ndarray, l2
 
 
 def numerical_grad(f, theta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """Central finite differences of the scalar function ``f`` at ``theta`` (changed in place, restored)."""
+    """Central differences of the scalar ``f()`` in each entry of ``theta`` (restored)."""
     grad = np.zeros_like(theta)
     for i in np.ndindex(theta.shape):
         old = theta[i]
@@ -58,15 +59,15 @@ def numerical_grad(f, theta: np.ndarray, eps: float = 1e-5) -> np.ndarray:
 
 
 def relative_error(a: np.ndarray, b: np.ndarray) -> float:
-    """max |a - b| / max(|a| + |b|): scale-free, so one threshold works for any layer."""
+    """max |a - b| / max(|a| + |b|): scale-free, so one threshold fits any parameter."""
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(a) + np.abs(b)), 1e-12))
 
 
 def gradient_check(grad_fn, W, b, X, y, l2: float = 0.0, eps: float = 1e-5) -> float:
-    """Largest relative error between ``grad_fn``'s analytic gradients and finite differences.
+    """Largest relative error between ``grad_fn``'s gradients and finite differences.
 
-    ``grad_fn`` has the signature of :func:`loss_and_grad`. Run it in float64 on a handful of rows:
-    a correct gradient gives ~1e-9, a wrong one ~1e-1.
+    ``grad_fn`` has the signature of :func:`loss_and_grad`. Run it in float64 on a few
+    rows: a correct gradient gives ~1e-9, a wrong one ~1e-1.
     """
     W, b = W.astype(np.float64).copy(), b.astype(np.float64).copy()
     _, dW, db = grad_fn(W, b, X, y, l2)
@@ -75,13 +76,13 @@ def gradient_check(grad_fn, W, b, X, y, l2: float = 0.0, eps: float = 1e-5) -> f
     return max(relative_error(dW, num_W), relative_error(db, num_b))
 
 
-def fit_softmax(X, y, n_classes: int, l2: float = 0.0, lr: float = 0.5, epochs: int = 100,
-                batch_size: int = 64, seed: int = 0):
+def fit_softmax(X, y, n_classes: int, l2: float = 0.0, lr: float = 0.5,
+                epochs: int = 100, batch_size: int = 64, seed: int = 0):
     """Mini-batch gradient descent from zero weights; returns ``(W, b, losses)``.
 
-    Each epoch visits the rows in a fresh seeded order. The step size decays as lr / sqrt(epoch + 1),
-    which lets the noisy mini-batch iterates settle near the optimum instead of rattling around it.
-    ``losses`` holds the full-data objective after each epoch.
+    Each epoch visits the rows in a fresh seeded order. The step decays as
+    lr / sqrt(epoch + 1), so the noisy mini-batch steps settle near the optimum instead of
+    rattling around it. ``losses`` holds the full-data objective after each epoch.
     """
     rng = np.random.default_rng(seed)
     n, d = X.shape

@@ -1,16 +1,17 @@
-"""A small CNN for the 8x8 digits, its training loop written out, and checkpoints that survive crashes.
+"""A small CNN for the 8x8 digits, its training loop, and checkpoints that survive crashes.
 
-This is a file and not a chapter cell for two reasons: the tests (tests/test_02_train_models.py)
-check the checkpoint round trip, crash safety and resume equivalence on a tiny problem without
-running the chapter, and the chapter shows each function with ``literalinclude`` instead of
-burying 200 lines in cells. It is a library, not a script: nothing runs at import. Used from the
-chapter::
+This is a file and not a chapter cell for two reasons: the tests
+(tests/test_02_train_models.py) check the checkpoint round trip, crash safety and resume
+equivalence on a tiny problem without running the chapter, and the chapter shows each
+function with ``literalinclude`` instead of burying 300 lines in cells. It is a library,
+not a script: nothing runs at import. Used from the chapter::
 
-    from train import DigitsDataset, TrainConfig, fit, evaluate, save_checkpoint, load_checkpoint
+    import train as tr
+    model, state = tr.fit(tr.TrainConfig(), train_set, val_set, device, checkpoint_dir=...)
 
-Every random choice in training (initial weights, batch order, dropout masks, augmentation shifts)
-comes from seeds derived from ``TrainConfig.seed`` and the epoch number, so an epoch can be
-replayed from a checkpoint without saving random-generator state.
+Every random choice in training (initial weights, batch order, dropout masks,
+augmentation shifts) comes from seeds derived from ``TrainConfig.seed`` and the epoch
+number, so an epoch can be replayed from a checkpoint without saving generator state.
 """
 
 from __future__ import annotations
@@ -25,20 +26,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 CHECKPOINT_FORMAT = "gradient-rage/train-models/v1"
+METADATA_KEY = "gradient-rage"
 
 
 class DigitsDataset(Dataset):
     """8x8 digit images as (1, 8, 8) float tensors scaled to [0, 1], with integer labels."""
 
     def __init__(self, X: np.ndarray, y: np.ndarray, scale: float = 16.0):
-        self.images = torch.as_tensor(np.asarray(X, dtype=np.float32) / scale).reshape(-1, 1, 8, 8)
+        pixels = np.asarray(X, dtype=np.float32) / scale
+        self.images = torch.as_tensor(pixels).reshape(-1, 1, 8, 8)
         self.labels = torch.as_tensor(np.asarray(y), dtype=torch.long)
 
     def __len__(self) -> int:
@@ -49,7 +51,7 @@ class DigitsDataset(Dataset):
 
 
 class DigitsCNN(nn.Module):
-    """Two 3x3 convolutions, one 2x2 max-pool, then a two-layer head: about 38k parameters."""
+    """Two 3x3 convolutions, a 2x2 max-pool, then a two-layer head: 38k parameters."""
 
     def __init__(self, dropout: float = 0.0, n_classes: int = 10):
         super().__init__()
@@ -73,7 +75,7 @@ class TrainConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     dropout: float = 0.0
-    augment: bool = False      # random shifts of up to one pixel
+    augment: bool = False        # random shifts of up to one pixel
     epochs: int = 40
     batch_size: int = 64
     patience: int | None = None  # early stopping: epochs without a better validation loss
@@ -91,8 +93,8 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 10_000 + epoch
 
 
-def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1) -> torch.Tensor:
-    """Shift each image by up to ``max_shift`` pixels in each direction, filling with zeros."""
+def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1):
+    """Shift each image by up to ``max_shift`` pixels each way, filling with zeros."""
     size = x.shape[-1]
     padded = nn.functional.pad(x, (max_shift,) * 4)
     offsets = torch.randint(0, 2 * max_shift + 1, (x.shape[0], 2), generator=generator)
@@ -104,8 +106,11 @@ def random_shift(x: torch.Tensor, generator: torch.Generator, max_shift: int = 1
     return out
 
 
-def train_one_epoch(model, loader, optimizer, device, augment_with: torch.Generator | None = None) -> float:
-    """One pass over ``loader``; returns the mean mini-batch loss (dropout and augmentation on)."""
+def train_one_epoch(model, loader, optimizer, device, augment_with=None) -> float:
+    """One pass over ``loader``; returns the mean mini-batch loss.
+
+    ``augment_with`` is a torch.Generator for the random shifts, or None for no shifts.
+    """
     model.train()
     total, count = 0.0, 0
     for images, labels in loader:
@@ -129,25 +134,25 @@ def predict_logits(model, dataset, device, batch_size: int = 512) -> torch.Tenso
 
 
 def evaluate(model, dataset, device) -> tuple[float, float]:
-    """Mean cross-entropy and accuracy on ``dataset``, in eval mode (no dropout, no augmentation)."""
+    """Mean cross-entropy and accuracy on ``dataset`` in eval mode (no dropout, no shifts)."""
     logits = predict_logits(model, dataset, device)
-    labels = dataset.labels
-    loss = nn.functional.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+    loss = nn.functional.cross_entropy(logits, dataset.labels).item()
+    return loss, (logits.argmax(1) == dataset.labels).float().mean().item()
 
 
 def fit(cfg: TrainConfig, train_set, val_set, device="cpu", checkpoint_dir=None,
         resume: bool = False, stop_after: int | None = None):
     """Train a DigitsCNN; return ``(model, state)`` with the best-validation weights loaded.
 
-    With ``checkpoint_dir``, the end of every epoch writes ``last.safetensors`` (weights, optimizer,
-    progress) and every new best validation loss writes ``best.safetensors``, both atomically.
-    ``resume=True`` continues from ``last.safetensors``. ``stop_after`` ends the run after that many
-    epochs as a crash would, to test resuming (the returned weights are then the last, not the best).
+    With ``checkpoint_dir``, every epoch writes ``last.safetensors`` (weights, optimizer,
+    progress) and every new best validation loss writes ``best.safetensors``, both
+    atomically; ``resume=True`` continues from ``last.safetensors``. ``stop_after`` ends
+    the run after that many epochs, as a crash would (the weights are then the last).
     """
     seed_everything(cfg.seed)
     model = DigitsCNN(cfg.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
     state = {"config": asdict(cfg), "epoch": 0, "best_val_loss": None, "best_epoch": None,
              "bad_epochs": 0, "stopped_early": False,
              "history": {"train_loss": [], "val_loss": [], "val_acc": [], "batch_loss": []}}
@@ -158,10 +163,11 @@ def fit(cfg: TrainConfig, train_set, val_set, device="cpu", checkpoint_dir=None,
     for epoch in range(state["epoch"], cfg.epochs):
         if state["stopped_early"] or (stop_after is not None and epoch >= stop_after):
             break
-        g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))  # dropout masks
+        g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # batch order, shifts
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))                  # dropout masks
         loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g)
-        batch_loss = train_one_epoch(model, loader, optimizer, device, g if cfg.augment else None)
+        batch_loss = train_one_epoch(model, loader, optimizer, device,
+                                     g if cfg.augment else None)
         train_loss, _ = evaluate(model, train_set, device)
         val_loss, val_acc = evaluate(model, val_set, device)
         _record(state, batch_loss, train_loss, val_loss, val_acc, epoch, cfg.patience)
@@ -189,7 +195,7 @@ def _record(state, batch_loss, train_loss, val_loss, val_acc, epoch, patience) -
 
 
 def _snapshot(model, ckpt: Path | None):
-    """Keep the best weights: on disk when there is a checkpoint folder, else a copy in memory."""
+    """Keep the best weights: on disk with a checkpoint folder, else a copy in memory."""
     if ckpt is not None:
         save_checkpoint(ckpt / "best.safetensors", model)
         return None
@@ -203,17 +209,17 @@ def _restore_best(model, best_weights, ckpt: Path | None) -> None:
         load_checkpoint(ckpt / "best.safetensors", model)
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
+# --- checkpoints ---------------------------------------------------------------------
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that is missing, unreadable, from another format, or for another model."""
+    """A checkpoint that is missing, unreadable, in another format, or for another model."""
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one, never half.
+    """Write ``data`` to ``path``; a crash leaves the old file or the new one, never half.
 
-    The bytes go to a temporary file in the same folder, are flushed to disk, and the temporary
-    file is renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows).
+    The bytes go to a temporary file in the same folder, are flushed to disk, and the
+    temporary file is renamed over ``path`` (``os.replace`` is atomic on POSIX and Windows).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -236,56 +242,64 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def save_checkpoint(path, model, optimizer=None, state: dict | None = None) -> None:
-    """Save weights (and optionally optimizer state and progress) as one safetensors file, atomically.
+    """Save weights (and optionally optimizer state and progress) atomically, as safetensors.
 
-    safetensors holds only tensors and string metadata: loading it cannot run code, unlike a pickle.
-    Optimizer tensors are stored under ``optim/<param>/<name>``; hyperparameters and progress go into
-    the metadata as JSON.
+    safetensors holds only tensors and string metadata: loading it cannot run code, unlike
+    a pickle. Optimizer tensors are stored as ``optim/<param>/<name>``; hyperparameters and
+    progress go into one metadata entry as JSON (safetensors writes several entries in a
+    random order, and one entry keeps identical checkpoints byte for byte identical).
     """
-    tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    metadata = {"format": CHECKPOINT_FORMAT, "state": json.dumps(state or {})}
+    tensors = {f"model/{k}": v.detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    meta = {"format": CHECKPOINT_FORMAT, "state": state or {}}
     if optimizer is not None:
         opt = optimizer.state_dict()
         for pid, values in opt["state"].items():
             for name, value in values.items():
                 if not torch.is_tensor(value):
-                    raise TypeError(f"optimizer state {name!r} is not a tensor; this format stores tensors")
+                    raise TypeError(f"optimizer state {name!r} is not a tensor")
                 tensors[f"optim/{pid}/{name}"] = value.detach().cpu().contiguous()
-        metadata["param_groups"] = json.dumps(opt["param_groups"])
+        meta["param_groups"] = opt["param_groups"]
+    metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=metadata))
 
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
-    """Load weights (and optimizer state when given) from ``path``; return the saved progress dict.
+    """Load weights (and optimizer state when given) from ``path``; return the progress.
 
-    Raises CheckpointError with the reason when the file is missing, truncated or corrupt, from
-    another format, or holds weights whose names or shapes do not match ``model``.
+    Raises CheckpointError with the reason when the file is missing, truncated or corrupt,
+    in another format, or holds weights whose names or shapes do not match ``model``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
+            meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from exc
-    if metadata.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path} has format {metadata.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    weights = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
+        raise CheckpointError(f"{path} is not a readable safetensors file "
+                              f"(truncated or corrupt?): {exc}") from exc
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path} has format {meta.get('format')!r}, "
+                              f"expected {CHECKPOINT_FORMAT!r}")
+    weights = {k.removeprefix("model/"): v for k, v in tensors.items()
+               if k.startswith("model/")}
     _check_matches(path, weights, model.state_dict())
     model.load_state_dict(weights)
     if optimizer is not None:
-        if "param_groups" not in metadata:
-            raise CheckpointError(f"{path} holds no optimizer state (it is a weights-only checkpoint)")
-        optimizer.load_state_dict(_optimizer_state(tensors, json.loads(metadata["param_groups"])))
-    return json.loads(metadata["state"])
+        if "param_groups" not in meta:
+            raise CheckpointError(f"{path} holds no optimizer state (weights only)")
+        optimizer.load_state_dict(_optimizer_state(tensors, meta["param_groups"]))
+    return meta["state"]
 
 
 def _check_matches(path, weights: dict, expected: dict) -> None:
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    missing = sorted(expected.keys() - weights.keys())
+    unexpected = sorted(weights.keys() - expected.keys())
     wrong = [f"{k}: file {tuple(weights[k].shape)}, model {tuple(expected[k].shape)}"
-             for k in sorted(expected.keys() & weights.keys()) if weights[k].shape != expected[k].shape]
+             for k in sorted(expected.keys() & weights.keys())
+             if weights[k].shape != expected[k].shape]
     if missing or unexpected or wrong:
         raise CheckpointError(f"{path} does not fit this model: missing {missing}, "
                               f"unexpected {unexpected}, shape mismatches {wrong}")
@@ -303,19 +317,21 @@ def _optimizer_state(tensors: dict, param_groups: list) -> dict:
     return {"state": state, "param_groups": param_groups}
 
 
-# --- the recipe's checks ----------------------------------------------------------------------------
+# --- the recipe's checks ---------------------------------------------------------------
 
-def lr_range_test(cfg: TrainConfig, train_set, device="cpu", lr_min: float = 1e-5, lr_max: float = 3.0,
-                  steps: int = 120) -> tuple[list[float], list[float]]:
-    """Train a fresh model for ``steps`` mini-batches while the learning rate grows exponentially
-    from ``lr_min`` to ``lr_max``; return the rates and the mini-batch losses. Stops early once
-    the loss has clearly diverged (four times its best value).
+def lr_range_test(cfg: TrainConfig, train_set, device="cpu", lr_min: float = 1e-5,
+                  lr_max: float = 3.0, steps: int = 120) -> tuple[list[float], list[float]]:
+    """Train a fresh model for up to ``steps`` mini-batches while the learning rate grows
+    exponentially from ``lr_min`` to ``lr_max``; return the rates and the batch losses.
+    Stops once the loss has clearly diverged (four times its best value).
     """
     seed_everything(cfg.seed)
     model = DigitsCNN(cfg.dropout).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_min, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr_min,
+                                  weight_decay=cfg.weight_decay)
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, 0))
-    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=True)
+    loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
+                        drop_last=True)
     lrs, losses, batches = [], [], iter(loader)
     for step in range(steps):
         lr = lr_min * (lr_max / lr_min) ** (step / (steps - 1))
@@ -337,8 +353,11 @@ def lr_range_test(cfg: TrainConfig, train_set, device="cpu", lr_min: float = 1e-
     return lrs, losses
 
 
-def overfit_one_batch(model, images, labels, steps: int = 150, lr: float = 3e-3) -> list[float]:
-    """Train on one fixed batch only; a model and loss that can learn drive this loss to ~0."""
+def overfit_one_batch(model, images, labels, steps: int = 150, lr: float = 3e-3):
+    """Train on one fixed batch only; return the loss after every step.
+
+    A model and loss that can learn at all drive this loss to about zero.
+    """
     model.train()
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
