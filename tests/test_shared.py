@@ -92,6 +92,17 @@ def test_measure_warms_up_then_times_every_round():
     assert "torch threads" in str(timing)
 
 
+def test_measure_reports_the_blas_thread_limit_it_ran_under():
+    import numpy as np
+    from threadpoolctl import threadpool_limits
+
+    a = np.ones((64, 64))
+    with threadpool_limits(limits=1):
+        timing = measure(lambda: a @ a, repeats=2)
+    assert timing.blas_threads == 1
+    assert "BLAS threads 1" in str(timing)
+
+
 def test_measure_reports_per_call_seconds():
     import time
 

@@ -14,19 +14,26 @@ Used from a chapter::
 from __future__ import annotations
 
 import statistics
+import sys
 import timeit
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+from threadpoolctl import threadpool_info
 
 
 @dataclass(frozen=True)
 class Timing:
-    """Per-call seconds of each timed round, with the thread count they ran under."""
+    """Per-call seconds of each timed round, with the thread counts they ran under.
+
+    ``threads`` is torch's intra-op thread count (None when torch is not loaded: then it cannot
+    matter); ``blas_threads`` is the largest thread count among the loaded BLAS/OpenMP libraries
+    that numpy, scipy and scikit-learn use. Pure-Python code uses neither.
+    """
 
     times: tuple[float, ...]
-    threads: int
+    threads: int | None
+    blas_threads: int | None = None
 
     @property
     def median(self) -> float:
@@ -42,10 +49,19 @@ class Timing:
 
     def __str__(self) -> str:
         lo, hi = self.iqr
+        threads = f"torch threads {self.threads if self.threads is not None else 'n/a (not loaded)'}, "
+        threads += f"BLAS threads {self.blas_threads if self.blas_threads is not None else 'n/a'}"
         return (
             f"median {self.median * 1e3:.3f} ms per call (IQR {lo * 1e3:.3f}-{hi * 1e3:.3f} ms, "
-            f"{len(self.times)} rounds, {self.threads} torch threads)"
+            f"{len(self.times)} rounds; {threads})"
         )
+
+
+def current_threads() -> tuple[int | None, int | None]:
+    """(torch intra-op threads or None if torch is not imported, max BLAS/OpenMP threads or None)."""
+    torch = sys.modules.get("torch")
+    pools = [pool["num_threads"] for pool in threadpool_info()]
+    return (torch.get_num_threads() if torch is not None else None), (max(pools) if pools else None)
 
 
 def measure(fn: Callable[[], object], *, repeats: int = 7, number: int = 1, warmup: int = 1) -> Timing:
@@ -55,4 +71,5 @@ def measure(fn: Callable[[], object], *, repeats: int = 7, number: int = 1, warm
     for _ in range(warmup):
         fn()
     rounds = timeit.Timer(fn).repeat(repeat=repeats, number=number)
-    return Timing(times=tuple(t / number for t in rounds), threads=torch.get_num_threads())
+    torch_threads, blas_threads = current_threads()
+    return Timing(times=tuple(t / number for t in rounds), threads=torch_threads, blas_threads=blas_threads)
