@@ -151,19 +151,20 @@ def optimize_onnx(src: Path, dst: Path, level: str = "extended") -> Path:
     return Path(dst)
 
 
-def quantize_int8(src: Path, dst: Path) -> Path:
+def quantize_int8(src: Path, dst: Path, *, per_channel: bool = False) -> Path:
     """Dynamic int8 quantization with ONNX Runtime: int8 weights, activations quantized per batch.
 
     Quantize the exported graph, not an ORT-optimized one: ORT fuses Gemm+Relu into its own
     ``FusedGemm``, which the quantizer does not know and silently leaves in float32. No calibration
-    data is needed; inputs and outputs stay float32, so callers do not change.
+    data is needed; inputs and outputs stay float32, so callers do not change. ``per_channel``
+    gives each output unit of a layer its own scale instead of one per weight tensor.
     """
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
     dst = Path(dst)
     prepared = dst.with_name(dst.stem + "_pre.onnx")
     quant_pre_process(str(src), str(prepared))  # shape inference + safe fusions, as ORT recommends
-    quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8)
+    quantize_dynamic(str(prepared), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
     prepared.unlink()
     return dst
 
@@ -178,6 +179,14 @@ def make_session(path: Path, threads: int | None = None):
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_weight_bytes(path: Path) -> int:
+    """Bytes of every stored tensor (weights, biases, scales) in an ONNX file: what a call must read."""
+    import onnx
+    from onnx import numpy_helper
+
+    return sum(numpy_helper.to_array(t).nbytes for t in onnx.load(str(path)).graph.initializer)
 
 
 def onnx_accuracy(session, X, y) -> float:
