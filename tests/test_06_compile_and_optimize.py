@@ -179,6 +179,8 @@ def test_compare_rejects_settings_that_measure_nothing():
         bench.compare({"f": lambda: None}, threads=0)
     with pytest.raises(ValueError):
         bench.compare({"f": lambda: None}, threads=1, rounds=1)
+    with pytest.raises(ValueError):
+        bench.compare({"f": lambda: None}, threads=1, gap_s=-0.1)
 
 
 def test_roofline_bound_has_a_slope_and_a_roof():

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -52,20 +53,25 @@ class Timing:
 
 
 def compare(fns: dict[str, Callable[[], Any]], *, threads: int, rounds: int = 9,
-            round_s: float = 0.03, warmup: int = 3) -> dict[str, Timing]:
+            round_s: float = 0.03, warmup: int = 3, gap_s: float = 0.02) -> dict[str, Timing]:
     """Time several callables against each other, interleaved, at ``threads`` torch threads.
 
     Each callable is warmed up, then calibrated so that one round of ``number`` calls lasts about
     ``round_s``. The rounds are interleaved (A B C, B C A, C A B, ...) so that whatever else the
     machine does lands on every variant alike, and each variant's median per-call time is taken
     over its rounds. ``Timer.timeit`` itself runs two untimed calls before each timed round, so
-    every round starts warm even right after another variant ran. Compare variants as ratios of
-    these medians, never against another run.
+    every round starts warm even right after another variant ran.
+
+    Before each round the helper sleeps ``gap_s``. Two runtimes timed back to back in one process
+    disturb each other on a small machine: their thread pools spin or sleep after a call, and they
+    share caches and clocks. While writing chapter 06 we measured a PyTorch variant timed right
+    after an ONNX Runtime one at up to 1.7 times its time, with spinning on or off; a 20 ms pause
+    removed it. Compare variants as ratios of these medians, never against another run.
     """
     import torch.utils.benchmark as benchmark
 
-    if threads < 1 or rounds < 2:
-        raise ValueError("threads must be >= 1 and rounds >= 2")
+    if threads < 1 or rounds < 2 or gap_s < 0:
+        raise ValueError("threads must be >= 1, rounds >= 2 and gap_s >= 0")
     timers, numbers = {}, {}
     for name, fn in fns.items():
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)
@@ -77,6 +83,7 @@ def compare(fns: dict[str, Callable[[], Any]], *, threads: int, rounds: int = 9,
     names = list(fns)
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
+            time.sleep(gap_s)  # let the previous variant's threads settle before this round
             times[name].append(timers[name].timeit(numbers[name]).median)
     return {name: Timing(name, tuple(t), threads, numbers[name]) for name, t in times.items()}
 
