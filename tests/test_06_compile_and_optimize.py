@@ -189,10 +189,11 @@ def test_roofline_bound_has_a_slope_and_a_roof():
     assert bench.roofline_bound(15, peak_gflops=300, bandwidth_gbs=20) == 300  # the ridge point
 
 
-def test_int8_matmul_computes_the_integer_product():
-    run = bench.int8_matmul(threads=1, m=4, k=8, n=3)
-    (product,) = run()
+def test_int8_matmul_runs_the_bare_product_or_the_quantized_layer():
+    (product,) = bench.int8_matmul(threads=1, m=4, k=8, n=3)()
     assert product.shape == (4, 3) and product.dtype == np.int32
+    (layer,) = bench.int8_matmul(threads=1, m=4, k=8, n=3, quantize_input=True)()
+    assert layer.shape == (4, 3) and layer.dtype == np.float32 and np.isfinite(layer).all()
 
 
 # --- the hand-off to the serving chapter ----------------------------------------------------------

@@ -118,11 +118,13 @@ def copy_bandwidth_gbs(*, threads: int, megabytes: float = 128, rounds: int = 15
     return 2 * n * 4 / timing.best / 1e9, timing
 
 
-def int8_matmul(*, threads: int, m: int, k: int, n: int) -> Callable[[], Any]:
-    """A zero-argument function that runs one ``m x k`` (uint8) by ``k x n`` (int8) product in ONNX
-    Runtime, on the same MLAS kernels that run a dynamically quantized model's layers.
+def int8_matmul(*, threads: int, m: int, k: int, n: int, quantize_input: bool = False) -> Callable[[], Any]:
+    """A zero-argument function that runs one ``m x k`` by ``k x n`` int8 product in ONNX Runtime.
 
-    The one-node graph is built in memory, its session uses ``threads`` intra-op threads.
+    By default the input is already uint8 (``MatMulInteger``, int32 out): the bare integer product.
+    With ``quantize_input`` the input is float32 and the node is ``DynamicQuantizeMatMul``, exactly
+    what a dynamically quantized layer runs: find the input's range, quantize it, multiply, convert
+    the result back to float32. The one-node graph is built in memory; ``threads`` intra-op threads.
     """
     import numpy as np
     import onnxruntime as ort
@@ -130,15 +132,21 @@ def int8_matmul(*, threads: int, m: int, k: int, n: int) -> Callable[[], Any]:
 
     rng = np.random.default_rng(0)
     weight = numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "W")
-    graph = helper.make_graph(
-        [helper.make_node("MatMulInteger", ["A", "W"], ["Y"])], "int8_matmul",
-        [helper.make_tensor_value_info("A", TensorProto.UINT8, [m, k])],
-        [helper.make_tensor_value_info("Y", TensorProto.INT32, [m, n])], [weight])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    if quantize_input:
+        scale = numpy_helper.from_array(np.array(0.01, dtype=np.float32), "W_scale")
+        node = helper.make_node("DynamicQuantizeMatMul", ["A", "W", "W_scale"], ["Y"], domain="com.microsoft")
+        types, initializers = (TensorProto.FLOAT, TensorProto.FLOAT), [weight, scale]
+        feed = {"A": rng.standard_normal((m, k), dtype=np.float32)}
+    else:
+        node = helper.make_node("MatMulInteger", ["A", "W"], ["Y"])
+        types, initializers = (TensorProto.UINT8, TensorProto.INT32), [weight]
+        feed = {"A": rng.integers(0, 256, (m, k), dtype=np.uint8)}
+    graph = helper.make_graph([node], "int8_matmul", [helper.make_tensor_value_info("A", types[0], [m, k])],
+                              [helper.make_tensor_value_info("Y", types[1], [m, n])], initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feed = {"A": rng.integers(0, 256, (m, k), dtype=np.uint8)}
     return lambda: session.run(None, feed)
 
 
