@@ -82,11 +82,18 @@ def test_split_is_seeded_stratified_and_raw(data):
     assert np.abs(np.bincount(y_train) / len(y_train) - np.bincount(y_test) / len(y_test)).max() < 0.01
 
 
-def test_training_is_deterministic_and_accurate(trained, data):
+def test_training_is_deterministic_whatever_the_callers_threads(trained, data):
     X_train, X_test, y_train, y_test = data
-    again = em.train_model(X_train, y_train, epochs=1)
-    first = em.train_model(X_train, y_train, epochs=1)
-    for p, q in zip(again.parameters(), first.parameters()):
+    before = torch.get_num_threads()
+    models = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            models.append(em.train_model(X_train, y_train, epochs=1))
+            assert torch.get_num_threads() == threads, "the caller's thread count is restored"
+    finally:
+        torch.set_num_threads(before)
+    for p, q in zip(*(m.parameters() for m in models)):
         assert torch.equal(p, q)
     with torch.inference_mode():
         accuracy = (trained(torch.from_numpy(X_test)).argmax(1).numpy() == y_test).mean()

@@ -82,24 +82,34 @@ def flops_per_sample(model) -> int:
 
 def train_model(X_train, y_train, *, hidden: int = HIDDEN, epochs: int = EPOCHS,
                 batch_size: int = BATCH_SIZE, seed: int = SEED):
-    """Seeded AdamW training on CPU; returns the model in eval mode. A few seconds on 2 cores."""
+    """Seeded AdamW training on CPU; returns the model in eval mode. About two seconds.
+
+    Training runs on one thread whatever the caller set: a matrix library may sum in a different
+    order at another thread count, so the weights (and the served file's hash) would depend on
+    the caller. At batch 64 a second thread buys little, and one thread is robust to a busy machine.
+    """
     import torch
     import torch.nn.functional as F
 
-    torch.manual_seed(seed)
-    model = make_model(X_train.shape[1], int(y_train.max()) + 1, hidden)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
-    X, y = torch.from_numpy(X_train), torch.from_numpy(y_train)
-    order = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(X), generator=order)
-        for start in range(0, len(X), batch_size):
-            idx = perm[start:start + batch_size]
-            loss = F.cross_entropy(model(X[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(seed)
+        model = make_model(X_train.shape[1], int(y_train.max()) + 1, hidden)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+        X, y = torch.from_numpy(X_train), torch.from_numpy(y_train)
+        order = torch.Generator().manual_seed(seed)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(X), generator=order)
+            for start in range(0, len(X), batch_size):
+                idx = perm[start:start + batch_size]
+                loss = F.cross_entropy(model(X[idx]), y[idx])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     return model.eval()
 
 
