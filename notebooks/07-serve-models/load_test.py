@@ -150,16 +150,18 @@ async def exchange(pool: asyncio.Queue, raw: bytes, intended: float, timeout: fl
     rec.add(intended, issued, sent, time.perf_counter(), status)
 
 
-async def open_loop(pool: asyncio.Queue, requests: list[bytes], rate: float, n: int, timeout: float,
-                    rec: Recorder) -> None:
-    """Request i is due at t0 + i / rate, whatever the server is doing; latency runs from that time."""
+async def open_loop(pool: asyncio.Queue, requests: list[bytes], rate: float, n: int,
+                    timeout: float, rec: Recorder) -> None:
+    """Request i is due at t0 + i / rate, whatever the server is doing. Each request is
+    its own task, so a slow answer never delays the next send; latency runs from ``due``."""
     t0 = time.perf_counter() + 0.01
     tasks = []
     for i in range(n):
         due = t0 + i / rate
         if (wait := due - time.perf_counter()) > 0:
             await asyncio.sleep(wait)
-        tasks.append(asyncio.create_task(exchange(pool, requests[i % len(requests)], due, timeout, rec)))
+        raw = requests[i % len(requests)]
+        tasks.append(asyncio.create_task(exchange(pool, raw, due, timeout, rec)))
     await asyncio.gather(*tasks)
 
 
