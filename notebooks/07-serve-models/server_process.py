@@ -1,0 +1,255 @@
+"""Start, stop, freeze and load-test the server of app.py as real processes.
+
+Why a file and not cells: the chapter, its exercises and tests/test_07_serve_models.py all need the
+same guarantees, so they live in one tested place: the server is launched with
+``sys.executable -m uvicorn`` on a free port of 127.0.0.1, readiness is polled with a time bound,
+and every process started here is stopped, on error too. Three layers make sure of that: ``stop()``
+(SIGTERM, then SIGKILL after a bound), an ``atexit`` hook for a kernel that exits normally, and on
+Linux a parent-death signal so the server dies with a kernel that is killed.
+
+Used from the chapter (its folder is the working directory)::
+
+    from server_process import ServerProcess, run_load_test
+    with ServerProcess(max_batch=32, max_wait_ms=2) as server:
+        result = run_load_test(server.port, rates=[200, 400], duration=2)
+"""
+
+import atexit
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+HOST = "127.0.0.1"
+_RUNNING: set = set()  # servers started and not yet stopped, for the atexit hook
+
+
+def free_port() -> int:
+    """A port nobody listens on right now (the OS picks it; a tiny race until the server binds)."""
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_is_open(port: int) -> bool:
+    """True when something accepts connections on 127.0.0.1:port."""
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((HOST, port)) == 0
+
+
+def _die_with_parent():  # runs in the child between fork and exec
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class ServerProcess:
+    """app.py under uvicorn in its own process: one worker, settings passed as SERVE_* variables."""
+
+    def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, ort_threads: int = 1,
+                 model_path: str | Path = "", port: int | None = None, log_path: str | Path | None = None,
+                 graceful_s: int = 5, extra_env: dict | None = None):
+        self.port = port or free_port()
+        self.url = f"http://{HOST}:{self.port}"
+        self.log_path = Path(log_path) if log_path else HERE / "artifacts" / f"server-{self.port}.log"
+        self.env = {**os.environ, "SERVE_MAX_BATCH": str(max_batch), "SERVE_MAX_WAIT_MS": str(max_wait_ms),
+                    "SERVE_ORT_THREADS": str(ort_threads), "SERVE_MODEL_PATH": str(model_path),
+                    "OMP_NUM_THREADS": "1", **(extra_env or {})}
+        self.command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--app-dir", str(HERE),
+                        "--host", HOST, "--port", str(self.port), "--workers", "1", "--no-access-log",
+                        "--timeout-graceful-shutdown", str(graceful_s)]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, ready_timeout: float = 60.0) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "wb") as log:  # a file, not a pipe: a full pipe would block the server
+            self.proc = subprocess.Popen(self.command, cwd=HERE, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+        _RUNNING.add(self)
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def wait_ready(self, timeout: float) -> dict:
+        """Poll /ready until it answers 200, the process dies, or ``timeout`` seconds pass."""
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                reply = httpx.get(f"{self.url}/ready", timeout=1.0)
+                if reply.status_code == 200:
+                    return reply.json()
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path.exists() else ""
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        """SIGTERM (graceful: in-flight requests finish), SIGKILL if it takes longer than ``timeout``."""
+        _RUNNING.discard(self)
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)  # a frozen server cannot act on SIGTERM
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start() if self.proc is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@atexit.register
+def stop_all() -> None:
+    """Stop every server this module started and has not stopped yet."""
+    for server in list(_RUNNING):
+        server.stop(timeout=5)
+
+
+def freeze(pid: int, seconds: float) -> None:
+    """Stop a process dead for ``seconds`` (SIGSTOP), then let it run again (SIGCONT): a stand-in for a
+    long garbage-collection pause, a noisy neighbour or a VM migration."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(seconds)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def load_test_command(port: int, **flags) -> list[str]:
+    """The command line for load_test.py; keyword ``rates=[...]`` and flags as ``--name value``."""
+    cmd = [sys.executable, str(HERE / "load_test.py"), "--port", str(port)]
+    for name, value in flags.items():
+        if isinstance(value, bool):
+            cmd += [f"--{name.replace('_', '-')}"] if value else []
+        else:
+            value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            cmd += [f"--{name.replace('_', '-')}", str(value)]
+    return cmd
+
+
+def parse_last_json(stdout: str) -> dict:
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def run_load_test(port: int, timeout: float = 120.0, **flags) -> dict:
+    """Run load_test.py in its own process, bounded by ``timeout``; return its final JSON line."""
+    done = subprocess.run(load_test_command(port, **flags), cwd=HERE, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"load_test.py failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    return parse_last_json(done.stdout)
+
+
+def run_load_test_with_freeze(server: ServerProcess, at_s: float, freeze_s: float, timeout: float = 60.0,
+                              **flags) -> dict:
+    """Run load_test.py and freeze the server for ``freeze_s`` seconds, ``at_s`` seconds after the
+    first request of the load test reached it."""
+    import httpx
+
+    before = httpx.get(f"{server.url}/stats", timeout=2).json()["requests"]
+    proc = subprocess.Popen(load_test_command(server.port, **flags), cwd=HERE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent)
+    try:
+        deadline = time.monotonic() + 15
+        while httpx.get(f"{server.url}/stats", timeout=2).json()["requests"] == before:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                raise RuntimeError("the load test never reached the server")
+            time.sleep(0.01)
+        time.sleep(at_s)
+        freeze(server.proc.pid, freeze_s)
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if proc.returncode != 0:
+        raise RuntimeError(f"load_test.py failed ({proc.returncode}):\n{err[-3000:]}")
+    return parse_last_json(out)
+
+
+def wait_until_refused(port: int, timeout: float = 5.0) -> float:
+    """Seconds until 127.0.0.1:port stops accepting connections; raises if it never does."""
+    start = time.monotonic()
+    while port_is_open(port):
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"port {port} still accepts connections after {timeout} s")
+        time.sleep(0.01)
+    return time.monotonic() - start
+
+
+def request_across_shutdown(server: ServerProcess, body: bytes, content_type: str = "application/octet-stream",
+                            pause_s: float = 0.5) -> dict:
+    """Start a request, send the server SIGTERM while half its body is still on the way, finish
+    sending, and report what the client got back and how the server ended."""
+    head = (f"POST /predict HTTP/1.1\r\nhost: {HOST}:{server.port}\r\ncontent-type: {content_type}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection((HOST, server.port), timeout=10) as conn:
+        conn.sendall(head + body[: len(body) // 2])
+        time.sleep(0.2)  # the server has read the headers: the request is in flight
+        sigterm_at = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        refused_after_s = wait_until_refused(server.port)
+        time.sleep(pause_s)
+        conn.sendall(body[len(body) // 2 :])
+        raw = b""
+        while chunk := conn.recv(65536):  # the server closes the connection after answering
+            raw += chunk
+    exit_code = server.proc.wait(10)
+    _RUNNING.discard(server)
+    head_bytes, _, payload = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.decode().split("\r\n")
+    headers = dict(line.lower().split(": ", 1) for line in lines[1:])
+    return {"status": int(lines[0].split()[1]), "body": json.loads(payload), "connection": headers.get("connection"),
+            "new_connections_refused_after_s": refused_after_s, "exit_code": exit_code,
+            "sigterm_to_exit_s": time.monotonic() - sigterm_at}
+
+
+_GC_PROBE = """
+import gc, json, statistics, sys, time
+import uvicorn.protocols.http.h11_impl, uvicorn.server  # what the server process imports besides app
+import app
+app.create_app(app.Settings(model_path=sys.argv[1]))  # the libraries and the model, as in the server
+def full_collection_ms():
+    start = time.perf_counter()
+    gc.collect()
+    return 1e3 * (time.perf_counter() - start)
+tracked = len(gc.get_objects())
+before = statistics.median(full_collection_ms() for _ in range(5))
+gc.freeze()
+after = statistics.median(full_collection_ms() for _ in range(5))
+print(json.dumps({"tracked_objects": tracked, "full_collection_ms": before, "after_freeze_ms": after}))
+"""
+
+
+def gc_cost(model_path: str | Path, timeout: float = 120.0) -> dict:
+    """Median time of a full garbage collection in a fresh process that holds what the server holds
+    (app.py's libraries and the loaded model), before and after ``gc.freeze()``."""
+    done = subprocess.run([sys.executable, "-c", _GC_PROBE, str(model_path)], cwd=HERE, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"gc probe failed:\n{done.stderr[-3000:]}")
+    return parse_last_json(done.stdout)
