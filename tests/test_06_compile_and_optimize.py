@@ -24,6 +24,10 @@ import pytest
 import torch
 from conftest import NOTEBOOKS, load_module
 
+# torch.compile imports inductor, which imports torch.utils.mkldnn, which still decorates with
+# torch.jit.script_method and warns about it: torch's own deprecation, nothing this code can change.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 CHAPTER = NOTEBOOKS / "06-compile-and-optimize"
 em = load_module(CHAPTER / "export_model.py")
 bench = load_module(CHAPTER / "bench.py")

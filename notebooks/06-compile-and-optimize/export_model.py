@@ -242,16 +242,16 @@ def ensure_serving_model(artifacts_dir: Path | None = None, *, force: bool = Fal
     and writes ``digits_mlp_int8.onnx`` and ``model.json`` atomically (model first, metadata last).
     An existing pair is reused when the metadata's version matches the model file's hash.
     """
-    import numpy as np
-    import onnx
-    import onnxruntime as ort
-    import torch
-
     out = Path(artifacts_dir) if artifacts_dir is not None else DEFAULT_ARTIFACTS
     out.mkdir(parents=True, exist_ok=True)
     model_path, meta_path = out / MODEL_FILE, out / "model.json"
     if not force and _is_complete(model_path, meta_path):
-        return model_path
+        return model_path  # a caller that only serves the model never imports torch
+
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
 
     X_train, X_test, y_train, y_test = load_digits_split()
     model = train_model(X_train, y_train)
