@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
 import shutil
 import subprocess
@@ -37,15 +35,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))  # conftest: the TOC helpers the tests use
+from conftest import notebook_docs  # noqa: E402  (also puts notebooks/ on sys.path)
+from _shared.env_check import describe_machine  # noqa: E402
+
 TARGETS = {"clean_build_s": 600, "rebuild_s": 30, "chapter_s": 120, "chapter_mb": 1536}
-
-
-def notebook_pages() -> list[str]:
-    """TOC pages that are MyST notebooks, in reading order."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from conftest import toc_files
-
-    return [f for f in toc_files() if "\njupytext:" in "\n" + (ROOT / f"{f}.md").read_text()]
 
 
 def timed_build(out: Path, *extra: str) -> float:
@@ -106,21 +100,6 @@ def run_chapter(doc: str) -> dict:
     return {"chapter": doc, "seconds": round(seconds, 1), "peak_mb": round(memory.peak / 2**20)}
 
 
-def machine() -> dict:
-    import psutil
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():
-        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
-        cpu = names[0] if names else cpu
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-            "python": platform.python_version()}
-
-
 def readme_table(result: dict) -> str:
     lines = [f"Measured {result['date']} on {result['machine']['cpu']}, {result['machine']['cores']} cores, "
              f"GPU: {result['machine']['gpu']}."]
@@ -157,7 +136,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print the results; write no file")
     args = parser.parse_args()
 
-    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": machine(),
+    result = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "machine": describe_machine(),
               "clean_build_s": None, "rebuild_s": None, "rebuild_all_s": None, "targets": TARGETS}
     if not args.chapters_only:
         with tempfile.TemporaryDirectory(prefix="gr-bench-") as out:
@@ -168,7 +147,7 @@ def main() -> None:
             result["rebuild_all_s"] = round(timed_build(Path(out), "--all"), 1)
             print(f"every page re-read, executions from the cache: {result['rebuild_all_s']} s", flush=True)
     result["chapters"] = []
-    for doc in args.only or notebook_pages():
+    for doc in args.only or notebook_docs():
         result["chapters"].append(run_chapter(doc))
         print(f"{doc}: {result['chapters'][-1]}", flush=True)
     if not args.no_write:

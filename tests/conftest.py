@@ -46,6 +46,12 @@ def toc_files() -> list[str]:
     return files
 
 
+def notebook_docs() -> list[str]:
+    """TOC pages that are MyST notebooks (they carry a jupytext header), in reading order."""
+    return [f for f in toc_files()
+            if (ROOT / f"{f}.md").exists() and "\njupytext:" in "\n" + (ROOT / f"{f}.md").read_text()]
+
+
 CHAPTER_DIR = re.compile(r"^(\d\d)-([a-z]+(?:-[a-z0-9]+)*)$")
 
 

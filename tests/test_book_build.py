@@ -22,7 +22,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 from bs4 import BeautifulSoup
-from conftest import ROOT, toc_files
+from conftest import ROOT, notebook_docs, toc_files
 
 pytestmark = pytest.mark.book
 
@@ -71,10 +71,6 @@ def soup(path: Path) -> BeautifulSoup:
 
 def pages(html: Path) -> list[Path]:
     return [p for p in html.rglob("*.html") if "_static" not in p.parts and "reports" not in p.parts]
-
-
-def notebook_docs() -> list[str]:
-    return [f for f in toc_files() if "\njupytext:" in "\n" + (ROOT / f"{f}.md").read_text()]
 
 
 def test_book_builds_from_clean_with_warnings_as_errors(build):

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CHAPTER_DIR, NOTEBOOKS, ROOT, chapter_dirs, toc_files
+from conftest import CHAPTER_DIR, NOTEBOOKS, ROOT, chapter_dirs, notebook_docs, toc_files
 
 TEMPLATE = NOTEBOOKS / "_template" / "_template.md"
 REQUIRED_SECTIONS = [
@@ -61,8 +61,7 @@ def cell_line_count(body: str) -> int:
 
 def notebook_pages() -> list[Path]:
     """Every source in the TOC that is a MyST notebook, plus the template."""
-    pages = [ROOT / f"{f}.md" for f in toc_files() if (ROOT / f"{f}.md").exists()]
-    return [p for p in pages if "\njupytext:" in "\n" + p.read_text()] + [TEMPLATE]
+    return [ROOT / f"{f}.md" for f in notebook_docs()] + [TEMPLATE]
 
 
 def test_every_toc_entry_exists():

@@ -77,6 +77,13 @@ def test_check_environment_without_requirements_says_so(tmp_path, monkeypatch):
     assert "No requirements.txt found" in line
 
 
+def test_describe_machine_reports_what_the_status_page_and_benchmark_print():
+    m = env_check.describe_machine()
+    assert set(m) == {"cpu", "cores", "memory_gb", "gpu", "python"}
+    assert m["cores"] >= 1 and m["memory_gb"] > 0 and m["cpu"]
+    assert m["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+
+
 def test_find_requirements_walks_up_to_the_repository(tmp_path):
     assert env_check.find_requirements(ROOT / "notebooks" / "_template") == ROOT / "requirements.txt"
 

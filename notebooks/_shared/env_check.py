@@ -13,6 +13,7 @@ Used from a chapter (the chapter's working directory is its own folder, so ``..`
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import sys
@@ -119,6 +120,24 @@ def mismatch_message(mismatches: list[Mismatch], requirements: Path, python: str
         f"Environment differs from {requirements.name}: {what}. "
         f"Results may differ from the book's. Fix: {fix_command(requirements, python)}"
     )
+
+
+def describe_machine() -> dict:
+    """The hardware a run happened on: CPU model, usable cores, memory, GPU (or "none"), Python."""
+    import platform
+
+    import psutil
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = re.findall(r"^model name\s*:\s*(.+)$", cpuinfo.read_text(), re.M)
+        cpu = names[0] if names else cpu
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "memory_gb": round(psutil.virtual_memory().total / 2**30, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+            "python": platform.python_version()}
 
 
 def check_environment(*extra: str, start: Path | None = None, echo: bool = True) -> str | None:
