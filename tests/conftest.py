@@ -1,7 +1,8 @@
 """Shared fixtures for the book's tests.
 
 Fast structural tests run first; tests marked ``book`` build and execute the whole book (many
-minutes) and are moved to the end of the run, so a broken link or a missing section fails fast.
+minutes) and are moved to the end of the run, so a broken link or a missing section fails fast;
+tests marked ``matrix`` execute the book again under other CPU kernels and seeds, after the build.
 """
 
 from __future__ import annotations
@@ -23,10 +24,14 @@ sys.path.insert(0, str(NOTEBOOKS))  # the book's shared code, as chapters import
 def pytest_configure(config):
     config.addinivalue_line("markers", "book: builds and executes the whole book (slow, runs last)")
     config.addinivalue_line("markers", "slow: starts real processes or trains; seconds to minutes")
+    config.addinivalue_line("markers", "matrix: executes the whole book under a portability cell (minutes, runs last)")
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: item.get_closest_marker("book") is not None)
+    def lane(item) -> int:  # fast tests, then the book build, then the portability matrix
+        return 2 if item.get_closest_marker("matrix") else 1 if item.get_closest_marker("book") else 0
+
+    items.sort(key=lane)
 
 
 def toc_files() -> list[str]:
