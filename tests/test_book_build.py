@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from functools import cache
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -89,13 +90,38 @@ def test_every_toc_entry_produced_a_page(html):
     assert missing == []
 
 
+EXECUTING = re.compile(r"^(\S+?)(?:\.md|\.ipynb)?: Executing notebook using", re.M)
+
+
+def executions_in_log(log: str) -> list[str]:
+    """The page of every execution myst-nb started, as a TOC path, from the build log."""
+    found = []
+    for where in EXECUTING.findall(log):
+        path = Path(where)
+        found.append(path.relative_to(ROOT).as_posix() if path.is_absolute() and path.is_relative_to(ROOT)
+                     else path.as_posix())
+    return found
+
+
+def test_executions_are_read_from_the_build_log():
+    log = (f"{ROOT}/notebooks/02-train-models/02-train-models.md: Executing notebook using local CWD [mystnb]\n"
+           "book/status: Executing notebook using local CWD [mystnb]\n")
+    assert executions_in_log(log) == ["notebooks/02-train-models/02-train-models", "book/status"]
+
+
 def test_every_notebook_page_was_executed_once_and_one_at_a_time(build):
     from jupyter_cache import get_cache
 
     *_, cache_dir = build
     records = get_cache(str(cache_dir)).list_cache_records()
-    executed = sorted(Path(r.uri).relative_to(ROOT).with_suffix("").as_posix() for r in records)
-    assert executed == sorted(notebook_docs()), "each notebook page is executed exactly once"
+    cached = sorted(Path(r.uri).relative_to(ROOT).with_suffix("").as_posix() for r in records)
+    assert cached == sorted(notebook_docs()), "every notebook page has one execution record"
+    # The cache keys on content, so it cannot see a page executed twice; the build log can.
+    returncode, log, *_ = build
+    started = Counter(executions_in_log(log))
+    twice = {doc: n for doc, n in started.items() if n != 1}
+    assert sorted(started) == sorted(notebook_docs()) and twice == {}, (
+        f"executions per page in the build log: {dict(started)}; each page must execute exactly once")
     spans = sorted((r.created.timestamp() - r.data["execution_seconds"], r.created.timestamp()) for r in records)
     overlaps = [(a, b) for a, b in zip(spans, spans[1:]) if b[0] < a[1] - 1.0]  # 1 s of clock slack
     assert overlaps == [], "two pages executed at the same time"

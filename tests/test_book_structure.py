@@ -29,6 +29,31 @@ FENCE = re.compile(r"^(`{3,}|:{3,})")
 CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```", re.S | re.M)
 
 
+def tokens(text: str):
+    """The MyST parser's block tokens: headings, targets and roles as Sphinx will see them (code and
+    comments are their own tokens, so a heading or a role named in a comment or a code block is not one)."""
+    from markdown_it.renderer import RendererHTML
+    from myst_parser.config.main import MdParserConfig
+    from myst_parser.parsers.mdit import create_md_parser
+
+    config = MdParserConfig(enable_extensions={"colon_fence", "dollarmath", "amsmath", "deflist"})
+    return create_md_parser(config, RendererHTML).parse(text)
+
+
+def inline_children(text: str):
+    return [child for t in tokens(text) if t.type == "inline" for child in t.children or []]
+
+
+def ref_targets(text: str) -> set[str]:
+    """Targets of every {ref} role: `text <target>` or `target`."""
+    found = set()
+    for child in inline_children(text):
+        if child.type == "myst_role" and child.meta.get("name") in ("ref", "numref"):
+            m = re.search(r"<([^<>]+)>\s*$", child.content)
+            found.add(m.group(1) if m else child.content.strip())
+    return found
+
+
 def chapter_sources() -> list[Path]:
     return [d / f"{d.name}.md" for d in chapter_dirs()]
 
@@ -38,19 +63,11 @@ def toc_chapters() -> list[str]:
 
 
 def headings(text: str) -> list[tuple[int, str]]:
-    """(level, title) of every Markdown heading outside fenced blocks."""
-    found, fence = [], None
-    for line in text.splitlines():
-        match = FENCE.match(line)
-        if match:
-            marker = match.group(1)
-            if fence is None:
-                fence = marker
-            elif marker.startswith(fence[0]) and len(marker) >= len(fence) and line.strip() == marker:
-                fence = None
-            continue
-        if fence is None and (h := re.match(r"^(#{1,6})\s+(.*\S)", line)):
-            found.append((len(h.group(1)), h.group(2)))
+    """(level, title) of every Markdown heading, as the MyST parser reads the page."""
+    found, toks = [], tokens(text)
+    for i, t in enumerate(toks):
+        if t.type == "heading_open":
+            found.append((int(t.tag[1]), toks[i + 1].content.strip()))
     return found
 
 
@@ -98,9 +115,11 @@ def test_chapter_has_label_title_and_template_sections(source: Path):
     titles = [t for level, t in found if level == 1]
     assert len(titles) == 1, f"{source.name}: exactly one '#' title, found {titles}"
     slug = source.parent.name[3:] if source != TEMPLATE else "template"
-    label = f"(ch-{slug})="
-    title_line = f"# {titles[0]}"
-    assert f"{label}\n{title_line}" in text, f"{source.name}: the label {label} must sit right above the title"
+    toks = [t for t in tokens(text) if t.type != "front_matter"]
+    first_h1 = next(i for i, t in enumerate(toks) if t.type == "heading_open" and t.tag == "h1")
+    label = toks[first_h1 - 1] if first_h1 else None
+    assert label is not None and label.type == "myst_target" and label.content == f"ch-{slug}", (
+        f"{source.name}: the label (ch-{slug})= must sit right above the title")
     sections = [t for level, t in found if level == 2]
     positions = []
     for name in REQUIRED_SECTIONS:
@@ -113,11 +132,16 @@ def test_chapter_has_label_title_and_template_sections(source: Path):
 
 @pytest.mark.parametrize("source", [*chapter_sources(), TEMPLATE], ids=lambda p: p.parent.name)
 def test_chapter_starts_with_the_environment_handshake(source: Path):
-    first = CODE_CELL.search(source.read_text())
-    assert first, f"{source.name} has no code cells"
-    body = first.group(1)
-    assert "check_environment(" in body, f"{source.name}: the first cell must run the environment handshake"
-    assert ":tags: [hide-input]" in body
+    import ast
+
+    import jupytext
+
+    code = [c for c in jupytext.read(source).cells if c.cell_type == "code"]
+    assert code, f"{source.name} has no code cells"
+    calls = [n.func.id for n in ast.walk(ast.parse(code[0].source))
+             if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)]
+    assert "check_environment" in calls, f"{source.name}: the first cell must call check_environment()"
+    assert "hide-input" in code[0].metadata.get("tags", []), f"{source.name}: the handshake cell is tagged hide-input"
 
 
 @pytest.mark.parametrize("source", notebook_pages(), ids=lambda p: str(p.relative_to(ROOT)))
@@ -172,9 +196,16 @@ def test_chapter_folder_readme_lists_every_file(chapter: Path):
         return
     readme = chapter / "README.md"
     assert readme.exists(), f"{chapter.name} has companion files but no README.md listing them"
-    text = readme.read_text()
-    for f in [chapter / f"{chapter.name}.md", *files]:
-        assert f.name in text, f"{chapter.name}/README.md does not mention {f.name}"
+    toks = tokens(readme.read_text())
+    listed = set()  # file names in code spans inside list items or table cells, the README's two forms
+    opens = {"list_item_open": 1, "td_open": 1, "list_item_close": -1, "td_close": -1}
+    depth = 0
+    for t in toks:
+        depth += opens.get(t.type, 0)
+        if t.type == "inline" and depth > 0:
+            listed |= {c.content.strip() for c in t.children or [] if c.type == "code_inline"}
+    missing = [f.name for f in [chapter / f"{chapter.name}.md", *files] if f.name not in listed]
+    assert missing == [], f"{chapter.name}/README.md lists no line for {missing}"
 
 
 @pytest.mark.parametrize("chapter", chapter_dirs(), ids=lambda p: p.name)
@@ -186,16 +217,21 @@ def test_chapter_with_companion_code_has_its_test_file(chapter: Path):
 
 
 def test_welcome_page_links_every_chapter():
-    intro = (ROOT / "book" / "intro.md").read_text()
-    for entry in toc_chapters():
-        slug = Path(entry).parts[1][3:]
-        assert f"<ch-{slug}>" in intro or f"`ch-{slug}`" in intro, f"book/intro.md does not link ch-{slug}"
+    targets = ref_targets((ROOT / "book" / "intro.md").read_text())
+    missing = [f"ch-{Path(e).parts[1][3:]}" for e in toc_chapters() if f"ch-{Path(e).parts[1][3:]}" not in targets]
+    assert missing == [], f"book/intro.md has no {{ref}} link to {missing}"
 
 
 def test_readme_chapter_table_has_every_chapter():
-    readme = (ROOT / "README.md").read_text()
+    rows, row = [], []
+    for t in tokens((ROOT / "README.md").read_text()):
+        if t.type == "tr_open":
+            row = []
+        elif t.type == "inline" and t.children is not None:
+            row.append(t.content)
+        elif t.type == "tr_close":
+            rows.append(row)
     for entry in toc_chapters():
         folder = Path(entry).parts[1]
-        assert re.search(rf"^\|.*notebooks/{re.escape(folder)}/?.*\|", readme, re.M), (
-            f"README.md's chapter table has no row for {folder}"
-        )
+        assert any(any(cell.strip("` /") == f"notebooks/{folder}" for cell in r) for r in rows), (
+            f"README.md's chapter table has no row whose folder cell is notebooks/{folder}/")

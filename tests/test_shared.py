@@ -120,3 +120,54 @@ def test_measure_reports_per_call_seconds():
 def test_measure_rejects_nonsense_arguments():
     with pytest.raises(ValueError):
         measure(lambda: None, repeats=0)
+
+
+# The book's seed ----------------------------------------------------------------------------------
+
+
+def test_book_seed_is_zero_by_default_and_follows_the_environment():
+    from _shared.seed import ENV_VAR, book_seed
+
+    assert book_seed({}) == 0
+    assert book_seed({ENV_VAR: ""}) == 0
+    assert book_seed({ENV_VAR: " 7 "}) == 7
+
+
+@pytest.mark.parametrize("raw", ["one", "1.5", "-3"])
+def test_book_seed_rejects_what_no_generator_accepts(raw):
+    from _shared.seed import ENV_VAR, book_seed
+
+    with pytest.raises(ValueError, match=rf"GRADIENT_RAGE_SEED={raw!r}|GRADIENT_RAGE_SEED={raw}"):
+        book_seed({ENV_VAR: raw})
+
+
+def test_seed_sets_keep_the_published_numbers_and_never_overlap_between_book_seeds():
+    from _shared.seed import seeds
+
+    assert seeds(10, seed=0) == list(range(10)), "with the default seed a chapter's seed set is unchanged"
+    sets = [set(seeds(30, seed=s)) for s in range(4)]
+    assert all(len(s) == 30 for s in sets)
+    assert all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1:])
+
+
+def test_every_chapter_takes_its_seed_from_the_shared_module():
+    """A chapter that sets its own seed literal would ignore GRADIENT_RAGE_SEED, and the matrix would
+    test nothing for it. Checked on the code cells (jupytext), not on the prose."""
+    import ast
+
+    import jupytext
+    from conftest import notebook_docs
+
+    offenders = []
+    for doc in [*notebook_docs(), "notebooks/_template/_template"]:
+        notebook = jupytext.read(ROOT / f"{doc}.md")
+        code = "\n".join(c.source for c in notebook.cells if c.cell_type == "code"
+                         and not c.source.lstrip().startswith(("%", "!")))
+        tree = ast.parse(code)
+        imports = any(isinstance(n, ast.ImportFrom) and n.module == "_shared.seed" for n in ast.walk(tree))
+        literal = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                   and any(isinstance(t, ast.Name) and t.id == "SEED" for t in n.targets)]
+        uses_seed = "SEED" in code or "seed" in code.lower()
+        if literal or (uses_seed and not imports):
+            offenders.append(f"{doc}: {'assigns SEED itself' if literal else 'does not import _shared.seed'}")
+    assert offenders == [], "\n".join(offenders)
