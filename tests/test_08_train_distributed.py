@@ -111,6 +111,22 @@ def test_help_answers_without_importing_torch(script):
     assert "usage" in done.stdout.lower()
 
 
+@pytest.mark.parametrize("script", ["train_ddp.py", "pitfalls.py", "bench_ddp.py"])
+def test_every_script_that_draws_random_numbers_takes_the_seed_as_a_flag(script):
+    module = load_module(CHAPTER / script)  # the chapter passes the book's seed this way
+    assert module.parse_args([]).seed == 0 and module.parse_args(["--seed", "7"]).seed == 7
+
+
+def test_benchmark_measurements_take_turns_round_by_round():
+    bench = load_module(CHAPTER / "bench_ddp.py")
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in ("ddp", "no_sync")}
+    medians = bench.time_rounds(fns, bench.parse_args(["--rounds", "3", "--steps", "2"]))
+    assert calls[:4] == ["ddp", "ddp", "no_sync", "no_sync"]  # the warm-up calls
+    assert calls[4:] == (["ddp"] * 2 + ["no_sync"] * 2) * 3, "load drift must hit both alike"
+    assert set(medians) == {"ddp", "no_sync"} and all(m >= 0 for m in medians.values())
+
+
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     """The uninterrupted two-worker run, shared by the equivalence and the resume test."""

@@ -4,7 +4,9 @@ Why a file and not a cell: communication costs only exist between real worker pr
 and a fair single-process baseline needs a fresh process that sets its own thread count.
 This file does both: under torchrun it times DDP; launched alone it times one process at
 the thread counts given. Timings are medians of rounds after a warm-up, on the CPU on
-purpose (threads and cores are what it compares). The last line printed is one JSON object.
+purpose (threads and cores are what it compares); measurements that the chapter compares
+with each other take turns round by round, so that the load of a shared machine drifting
+during the run hits them alike. The last line printed is one JSON object.
 
 Launch lines, from this folder:
 
@@ -39,6 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="thread counts to time (single process only)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
     p.add_argument("--steps", type=int, default=4, help="steps per round")
+    p.add_argument("--seed", type=int, default=0, help="seeds the models' weights and the inputs")
     return p.parse_args(argv)
 
 
@@ -47,7 +50,7 @@ def make_model(args, deep: bool = False):
     layers of 128 (many small ones, as in a transformer: then bucketing matters)."""
     import torch
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     width, layers = (128, args.depth) if deep else (args.hidden, 3)
     stack = [torch.nn.Linear(args.features, width), torch.nn.ReLU()]
     for _ in range(layers - 1):
@@ -55,18 +58,22 @@ def make_model(args, deep: bool = False):
     return torch.nn.Sequential(*stack, torch.nn.Linear(width, 1))
 
 
-def time_rounds(fn, args, sync=lambda: None) -> float:
-    """Median seconds per call of ``fn``: 2 warm-up calls, then rounds of ``steps`` calls."""
-    fn(), fn()
-    rounds = []
+def time_rounds(fns: dict, args, sync=lambda: None) -> dict:
+    """Median seconds per call of each of ``fns``: 2 warm-up calls each, then ``rounds``
+    rounds of ``steps`` calls in which the functions take turns, so that a change in the
+    machine's load hits every measurement alike instead of the one that ran during it."""
+    for fn in fns.values():
+        fn(), fn()
+    rounds = {name: [] for name in fns}
     for _ in range(args.rounds):
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(args.steps):
-            fn()
-        sync()
-        rounds.append((time.perf_counter() - t0) / args.steps)
-    return statistics.median(rounds)
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                fn()
+            sync()
+            rounds[name].append((time.perf_counter() - t0) / args.steps)
+    return {name: statistics.median(r) for name, r in rounds.items()}
 
 
 def step_fn(model, x, y, no_sync=False):
@@ -89,41 +96,46 @@ def step_fn(model, x, y, no_sync=False):
 def bench_single(args) -> dict:
     import torch
 
-    found = {}
-    for threads in args.threads:
-        torch.set_num_threads(threads)
-        for batch in args.batches:
-            x, y = torch.randn(batch, args.features), torch.randn(batch, 1)
-            step = step_fn(make_model(args), x, y)
-            found[f"step_s_b{batch}_t{threads}"] = time_rounds(step, args)
-    return found
+    def with_threads(threads, step):
+        def fn():
+            torch.set_num_threads(threads)
+            step()
+        return fn
+
+    fns = {}
+    for batch in args.batches:
+        x, y = torch.randn(batch, args.features), torch.randn(batch, 1)
+        step = step_fn(make_model(args), x, y)
+        for threads in args.threads:
+            fns[f"step_s_b{batch}_t{threads}"] = with_threads(threads, step)
+    return time_rounds(fns, args)
 
 
 def bench_ddp(args, env, core) -> dict:
     import torch
     import torch.distributed as dist
 
-    found = {"threads": torch.get_num_threads()}
-    for batch in args.batches:
+    found, fns = {"threads": torch.get_num_threads()}, {}
+    for batch in args.batches:  # with and without the all-reduce, taking turns
         local = batch // env.world
         x, y = torch.randn(local, args.features), torch.randn(local, 1)
         model = core.wrap(make_model(args), env)
-        found[f"step_s_b{batch}"] = time_rounds(step_fn(model, x, y), args, dist.barrier)
-        compute = step_fn(model, x, y, no_sync=True)
-        found[f"step_s_b{batch}_no_sync"] = time_rounds(compute, args, dist.barrier)
+        fns[f"step_s_b{batch}"] = step_fn(model, x, y)
+        fns[f"step_s_b{batch}_no_sync"] = step_fn(model, x, y, no_sync=True)
+    found.update(time_rounds(fns, args, dist.barrier))
     n_params = sum(p.numel() for p in model.parameters())
     x, y = x[: args.batches[0] // env.world], y[: args.batches[0] // env.world]
-    for cap in args.buckets:
-        deep = core.wrap(make_model(args, deep=True), env, bucket_cap_mb=cap)
-        step = step_fn(deep, x, y)
-        found[f"deep_step_s_bucket{cap:g}"] = time_rounds(step, args, dist.barrier)
+    deeps = {cap: core.wrap(make_model(args, deep=True), env, bucket_cap_mb=cap)
+             for cap in args.buckets}
+    fns = {f"deep_step_s_bucket{cap:g}": step_fn(deep, x, y) for cap, deep in deeps.items()}
+    found.update(time_rounds(fns, args, dist.barrier))
+    for cap, deep in deeps.items():  # after training: DDP rebuilds its buckets in step 1
         buckets = deep.reducer._get_zeros_like_grad_buckets()  # private API, display only
         found[f"deep_buckets_{cap:g}"] = len(buckets)
     found["deep_tensors"] = len(list(deep.parameters()))
-    for name, numel in (("grad", n_params), ("small", 1024)):
-        buf = torch.zeros(numel)
-        all_reduce = lambda: dist.all_reduce(buf)  # noqa: E731
-        found[f"allreduce_s_{name}"] = time_rounds(all_reduce, args, dist.barrier)
+    bufs = {name: torch.zeros(numel) for name, numel in (("grad", n_params), ("small", 1024))}
+    fns = {f"allreduce_s_{name}": (lambda b=b: dist.all_reduce(b)) for name, b in bufs.items()}
+    found.update(time_rounds(fns, args, dist.barrier))
     pids = [None] * env.world
     dist.all_gather_object(pids, os.getpid())
     found.update(params=n_params, grad_bytes=4 * n_params, pids=pids,
@@ -135,8 +147,10 @@ def main(argv=None) -> dict:
     args = parse_args(argv)  # before the heavy imports, so --help answers at once
     sys.path.insert(0, str(HERE))
     import ddp_core as core
+    import torch
 
     env = core.setup(cpu=True)
+    torch.manual_seed(args.seed)  # the inputs; the same on every rank
     try:
         if env.world == 1:
             result = {"world": 1, **bench_single(args), "pids": [os.getpid()]}
