@@ -70,8 +70,12 @@ def compare(fns: dict[str, Callable[[], Any]], *, threads: int, rounds: int = 9,
     """
     import torch.utils.benchmark as benchmark
 
-    if threads < 1 or rounds < 2 or gap_s < 0:
-        raise ValueError("threads must be >= 1, rounds >= 2 and gap_s >= 0")
+    if threads < 1:
+        raise ValueError(f"threads must be >= 1, got {threads}")
+    if rounds < 2:
+        raise ValueError(f"rounds must be >= 2 (a median and a spread need two), got {rounds}")
+    if gap_s < 0:
+        raise ValueError(f"gap_s must be >= 0, got {gap_s}")
     timers, numbers = {}, {}
     for name, fn in fns.items():
         timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads, label=name)

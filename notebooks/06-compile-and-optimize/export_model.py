@@ -13,13 +13,16 @@ Launch lines (CPU; there is no GPU path, the served model runs in ONNX Runtime o
 
 The model reads 64 raw pixel counts (0..16, as ``sklearn.datasets.load_digits`` gives them) as
 float32 ``[batch, 64]`` and returns logits ``[batch, 10]``; the scaling lives inside the graph, so a
-server feeds raw features. Everything is seeded: two builds give byte-identical files.
+server feeds raw features. Everything is seeded with the book's seed (``GRADIENT_RAGE_SEED``, 0 when
+unset, read from ``notebooks/_shared/seed.py`` like every chapter): two builds with the same seed on
+the same machine give byte-identical files.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -27,7 +30,18 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ARTIFACTS = HERE / "artifacts"
-SEED = 0
+
+
+def _book_seed() -> int:
+    """The book's seed from ``notebooks/_shared/seed.py``, loaded by path: a server that imports this
+    file (chapter 07) does not have ``notebooks/`` on its ``sys.path``."""
+    spec = importlib.util.spec_from_file_location("_gr_book_seed", HERE.parent / "_shared" / "seed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.SEED
+
+
+SEED = _book_seed()  # 0 unless GRADIENT_RAGE_SEED says otherwise
 HIDDEN = 1024
 EPOCHS = 8
 BATCH_SIZE = 64
@@ -223,14 +237,15 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def _is_complete(model_path: Path, meta_path: Path) -> bool:
-    """Both files exist and the metadata describes this very model file (its hash is the version)."""
+    """Both files exist, the metadata describes this very model file (its hash is the version), and
+    it was built with this run's book seed (a pair left by a run with another seed is rebuilt)."""
     if not (model_path.is_file() and meta_path.is_file()):
         return False
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError):
         return False
-    return meta.get("version") == file_hash(model_path)
+    return meta.get("version") == file_hash(model_path) and meta.get("seed") == SEED
 
 
 def ensure_serving_model(artifacts_dir: Path | None = None, *, force: bool = False) -> Path:
@@ -240,7 +255,8 @@ def ensure_serving_model(artifacts_dir: Path | None = None, *, force: bool = Fal
     the digits training split, exports it with ``torch.export`` to ONNX, quantizes it dynamically to
     int8, applies ONNX Runtime's portable graph optimizations offline, checks it on the test split,
     and writes ``digits_mlp_int8.onnx`` and ``model.json`` atomically (model first, metadata last).
-    An existing pair is reused when the metadata's version matches the model file's hash.
+    An existing pair is reused when the metadata's version matches the model file's hash and its
+    seed is the book's seed (``GRADIENT_RAGE_SEED``, default 0).
     """
     out = Path(artifacts_dir) if artifacts_dir is not None else DEFAULT_ARTIFACTS
     out.mkdir(parents=True, exist_ok=True)
