@@ -250,6 +250,13 @@ def test_summary_counts_every_outcome_and_times_from_the_intended_send(load_test
     assert open_["max_ms"] == pytest.approx(510) and closed["max_ms"] == pytest.approx(10)
 
 
+def test_seed_flag_picks_the_requests(load_test):
+    """The chapter passes the book's seed to load_test.py: the same seed, the same requests; another, others."""
+    same = [load_test.build_requests(8000, 64, "json", rows=1, count=4, seed=s) for s in (7, 7, 8)]
+    assert same[0] == same[1] and same[0] != same[2]
+    assert load_test.parse_args(["--port", "1", "--seed", "3"]).seed == 3
+
+
 def test_generated_requests_are_valid_for_the_server(app_module, load_test):
     request_model = app_module.make_request_model(64, 1024)
     for payload in ("json", "binary"):
@@ -261,9 +268,12 @@ def test_generated_requests_are_valid_for_the_server(app_module, load_test):
         assert x.shape == (3, 64) and x.min() >= 0 and x.max() <= 16
 
 
-def test_load_test_refuses_bad_flags(load_test):
-    with pytest.raises(SystemExit):
-        load_test.parse_args(["--port", "1", "--rates", "0"])
+@pytest.mark.parametrize("flags", [["--rates", "0"], ["--rates", "100,-5"], ["--duration", "0"],
+                                   ["--connections", "0"]])
+def test_load_test_refuses_bad_flags(load_test, capsys, flags):
+    with pytest.raises(SystemExit, match="^2$"):  # argparse's usage-error exit status
+        load_test.parse_args(["--port", "1", *flags])
+    assert "rates, duration and connections must be positive" in capsys.readouterr().err
 
 
 # --- the real process -----------------------------------------------------------------------------
