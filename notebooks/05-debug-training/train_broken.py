@@ -13,6 +13,7 @@ Launch (the GPU when one is present, else the CPU; the last line printed is one 
 
     python train_broken.py
     python train_broken.py --epochs 10 --device cpu
+    python train_broken.py --seed 1   # the chapter passes the book's seed (GRADIENT_RAGE_SEED)
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128, help="width of the two hidden layers")
     parser.add_argument("--dropout", type=float, default=0.3)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds the split, the weights, the shuffle and the noise")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--device", default="auto", help="auto (cuda if present), cpu or cuda")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="exported there on first use")
