@@ -3,7 +3,7 @@
 Protected here: the hand-derived softmax gradient (finite differences), the checkpoint round trip
 (weights and optimizer state, bit for bit), the loader's refusals (missing, truncated, foreign,
 mismatched files), atomic writes (a failed save keeps the old file), resume equivalence on a tiny
-problem, seeded reproducibility and early stopping. The companion files are libraries with no
+problem, seeded reproducibility, early stopping and the learning-rate range test's stopping rule. The companion files are libraries with no
 process of their own; the chapter itself is executed by the book build.
 """
 
@@ -225,17 +225,56 @@ def test_same_seed_gives_identical_weights_and_another_seed_does_not(tiny):
     assert not tensors_equal(a.state_dict(), c.state_dict())
 
 
-def test_early_stopping_returns_the_best_weights(tiny, tmp_path):
+@pytest.mark.parametrize("on_disk", [True, False])
+def test_early_stopping_stops_after_patience_and_returns_the_best_weights(tiny, tmp_path, monkeypatch,
+                                                                         on_disk):
+    """The validation losses are scripted, so when training stops and which epoch wins do not depend
+    on this machine's arithmetic; the weights still change every epoch, so restoring the wrong
+    epoch's weights is caught."""
     train_set, val_set = tiny
-    # a learning rate far too high makes the validation loss stop improving quickly
-    cfg = small_config(lr=0.05, epochs=30, patience=2, augment=False, dropout=0.0)
-    model, state = tr.fit(cfg, train_set, val_set, checkpoint_dir=tmp_path)
-    assert state["stopped_early"] and state["epoch"] == state["best_epoch"] + 1 + cfg.patience
-    assert state["epoch"] < cfg.epochs
+    script = [0.9, 0.5, 0.7, 0.4, 0.6, 0.45, 0.8, 0.1]  # best at epoch index 3; 0.1 must never be seen
+    real_evaluate, weights = tr.evaluate, []
+
+    def scripted(model, dataset, device):
+        loss, acc = real_evaluate(model, dataset, device)
+        if dataset is not val_set:
+            return loss, acc
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return script[len(weights) - 1], acc
+
+    monkeypatch.setattr(tr, "evaluate", scripted)
+    cfg = small_config(epochs=len(script), patience=3)
+    model, state = tr.fit(cfg, train_set, val_set, checkpoint_dir=tmp_path if on_disk else None)
+    assert state["stopped_early"] and state["best_epoch"] == 3 and state["best_val_loss"] == 0.4
+    assert state["epoch"] == 3 + 1 + cfg.patience == len(weights) < cfg.epochs
+    assert state["history"]["val_loss"] == script[:state["epoch"]]
+    assert tensors_equal(model.state_dict(), weights[3])
+    assert not tensors_equal(model.state_dict(), weights[-1]), "the last epoch's weights were kept"
+    if on_disk:
+        best = tr.DigitsCNN()
+        tr.load_checkpoint(tmp_path / "best.safetensors", best)
+        assert tensors_equal(best.state_dict(), weights[3])
+
+
+def test_the_returned_model_scores_the_recorded_best_validation_loss(tiny):
+    train_set, val_set = tiny
+    cfg = small_config(epochs=5, augment=False, dropout=0.0)
+    model, state = tr.fit(cfg, train_set, val_set)
+    losses = state["history"]["val_loss"]
+    assert state["best_val_loss"] == min(losses) and state["best_epoch"] == losses.index(min(losses))
     assert tr.evaluate(model, val_set, "cpu")[0] == state["best_val_loss"]
-    best = tr.DigitsCNN()
-    tr.load_checkpoint(tmp_path / "best.safetensors", best)
-    assert tensors_equal(model.state_dict(), best.state_dict())
+
+
+def test_lr_range_test_stops_on_the_smoothed_loss_not_on_one_batch(tiny):
+    train_set, _ = tiny
+    lrs, losses, smooth = tr.lr_range_test(small_config(dropout=0.0, augment=False), train_set)
+    assert len(lrs) == len(losses) == len(smooth) and lrs == sorted(lrs)
+    alpha, average = 0.1, 0.0
+    for i, loss in enumerate(losses):  # the moving average is the bias-corrected one pandas computes
+        average = (1 - alpha) * average + alpha * loss
+        assert smooth[i] == pytest.approx(average / (1 - (1 - alpha) ** (i + 1)))
+    assert all(s <= 4 * min(smooth[: i + 1]) for i, s in enumerate(smooth[:-1]))  # no early stop
+    assert len(lrs) < 120 and not smooth[-1] <= 4 * min(smooth)  # diverged (or nan) before lr 3
 
 
 def test_random_shift_moves_each_image_by_at_most_one_pixel():

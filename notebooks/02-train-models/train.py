@@ -320,10 +320,12 @@ def _optimizer_state(tensors: dict, param_groups: list) -> dict:
 # --- the recipe's checks ---------------------------------------------------------------
 
 def lr_range_test(cfg: TrainConfig, train_set, device="cpu", lr_min: float = 1e-5,
-                  lr_max: float = 3.0, steps: int = 120) -> tuple[list[float], list[float]]:
+                  lr_max: float = 3.0, steps: int = 120, smoothing: float = 0.1):
     """Train a fresh model for up to ``steps`` mini-batches while the learning rate grows
-    exponentially from ``lr_min`` to ``lr_max``; return the rates and the batch losses.
-    Stops once the loss has clearly diverged (four times its best value).
+    exponentially from ``lr_min`` to ``lr_max``; return the rates, the batch losses and
+    their moving average (exponential, weight ``smoothing`` on the newest batch).
+    Stops once the moving average has clearly diverged (four times its lowest value): one
+    unlucky batch is not a cliff, and stopping on it ends the test while the loss still falls.
     """
     seed_everything(cfg.seed)
     model = DigitsCNN(cfg.dropout).to(device).train()
@@ -332,7 +334,7 @@ def lr_range_test(cfg: TrainConfig, train_set, device="cpu", lr_min: float = 1e-
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, 0))
     loader = DataLoader(train_set, batch_size=cfg.batch_size, shuffle=True, generator=g,
                         drop_last=True)
-    lrs, losses, batches = [], [], iter(loader)
+    lrs, losses, smooth, batches, average = [], [], [], iter(loader), 0.0
     for step in range(steps):
         lr = lr_min * (lr_max / lr_min) ** (step / (steps - 1))
         for group in optimizer.param_groups:
@@ -348,9 +350,11 @@ def lr_range_test(cfg: TrainConfig, train_set, device="cpu", lr_min: float = 1e-
         optimizer.step()
         lrs.append(lr)
         losses.append(loss.item())
-        if not math.isfinite(losses[-1]) or (step > 10 and losses[-1] > 4 * min(losses)):
+        average = (1 - smoothing) * average + smoothing * losses[-1]
+        smooth.append(average / (1 - (1 - smoothing) ** (step + 1)))  # bias-corrected
+        if not math.isfinite(losses[-1]) or (step > 10 and smooth[-1] > 4 * min(smooth)):
             break
-    return lrs, losses
+    return lrs, losses, smooth
 
 
 def overfit_one_batch(model, images, labels, steps: int = 150, lr: float = 3e-3):
