@@ -15,11 +15,13 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from conftest import NOTEBOOKS, load_module
 
 CHAPTER = NOTEBOOKS / "04-test-ml-code"
 bugs = load_module(CHAPTER / "testml_bugs.py")
+reference = load_module(CHAPTER / "testml_reference.py")
 
 
 @pytest.mark.parametrize("bug", bugs.BUGS, ids=lambda bug: bug.name)
@@ -96,3 +98,48 @@ def test_a_planted_bug_fails_its_test_in_a_real_pytest_process():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["failed"] == [bug.caught_by] and report["passed"] > 20
     assert (CHAPTER / bug.file).read_text().count(bug.fixed) == 1, "the planted bug leaked into the real file"
+
+
+def stored_reference() -> dict:
+    return json.loads(reference.STORED.read_text())
+
+
+def test_stored_reference_was_made_by_the_current_script_settings():
+    stored = stored_reference()
+    assert stored["made_by"] == "testml_reference.py" and {"date", "torch", "cpu_capability"} <= set(stored["made"])
+    assert stored["settings"] == json.loads(json.dumps(reference.settings())), "rerun testml_reference.py"
+    maes = stored["reference"]["mae_g"]
+    assert len(maes) == len(stored["settings"]["reference_seeds"]) >= 30
+    assert stored["reference"]["mean_g"] == pytest.approx(np.mean(maes), rel=1e-12)
+    assert stored["reference"]["sd_g"] == pytest.approx(np.std(maes, ddof=1), rel=1e-12)
+    assert (stored["test_seeds"], stored["z"]) == (stored["settings"]["test_seeds"], stored["settings"]["z"])
+
+
+def test_the_stored_test_catches_the_planted_regression_for_every_seed_set():
+    power = stored_reference()["power"]
+    assert power["of"] == len(stored_reference()["settings"]["book_seeds"]) >= 20
+    assert power["caught_bug"] == power["passed_clean"] == power["of"], power
+    assert power["smallest_bug_margin_g"] > 0 and power["smallest_clean_margin_g"] > 0
+
+
+def test_check_fails_when_a_setting_changed(monkeypatch, capsys):
+    monkeypatch.setattr(reference, "Z", reference.Z + 1)
+    monkeypatch.setattr(sys, "argv", ["testml_reference.py", "--check"])
+    with pytest.raises(SystemExit) as exit_info:
+        reference.main()
+    assert exit_info.value.code == 1 and json.loads(capsys.readouterr().out)["settings_match"] is False
+
+
+@pytest.mark.slow
+def test_stored_maes_reproduce_on_this_machine():
+    """A pipeline change that moves the MAE makes the golden number stale; CPUs differ by ~1e-5 g."""
+    sys.path.insert(0, str(CHAPTER))  # the pipeline's modules, as its own tests import them
+    from testml_data import TARGET, load_table, split
+    from testml_metrics import mean_absolute_error
+    from testml_model import fit
+
+    train, test = split(load_table())
+    stored = stored_reference()["reference"]["mae_g"]
+    for seed in stored_reference()["settings"]["reference_seeds"][:3]:
+        mae = mean_absolute_error(test[TARGET], fit(train, seed=seed).predict(test))
+        assert abs(mae - stored[seed]) < 0.5, f"seed {seed}: {mae:.3f} g, stored {stored[seed]:.3f} g: rerun the script"

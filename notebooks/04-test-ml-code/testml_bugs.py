@@ -31,6 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PIPELINE = ["testml_data.py", "testml_features.py", "testml_metrics.py", "testml_model.py"]
 TESTS = ["test_testml_code.py", "test_testml_data.py", "test_testml_model.py"]
+DATA = ["testml_reference.json", "pytest.ini"]  # the regression test's stored reference; the marker
 BAD_TESTS = ("testml_bad_tests.py", "test_testml_bad.py")  # copied under a name pytest collects
 
 
@@ -174,7 +175,7 @@ def run_suite(workdir: Path, bug: str | None = None, *, bad_tests: bool = True, 
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    for name in [*PIPELINE, *TESTS, "pytest.ini"]:
+    for name in [*PIPELINE, *TESTS, *DATA]:
         shutil.copy(HERE / name, workdir / name)
     (workdir / BAD_TESTS[1]).unlink(missing_ok=True)
     if bad_tests:

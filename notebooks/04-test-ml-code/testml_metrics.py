@@ -20,3 +20,12 @@ def mean_absolute_error(y_true, y_pred) -> float:
     if not (np.isfinite(y_true).all() and np.isfinite(y_pred).all()):
         raise ValueError("y_true and y_pred must be finite (a NaN prediction is a bug upstream)")
     return float(np.mean(np.abs(y_true - y_pred)))
+
+
+def regression_tolerance(sd: float, n_run: int, n_reference: int, z: float) -> float:
+    """How far a metric averaged over ``n_run`` seeds may sit from a reference averaged over ``n_reference``.
+
+    ``z`` standard errors of the difference of the two means: both are noisy, the reference too, so
+    the variances add (``sd**2 / n_run + sd**2 / n_reference``). Conservative when the seed sets overlap.
+    """
+    return z * sd * (1 / n_run + 1 / n_reference) ** 0.5
