@@ -110,7 +110,8 @@ def test_parse_dates_sets_aside_a_date_outside_its_season():
 
 def test_parse_dates_refuses_a_non_iso_date():
     df = pd.DataFrame({"raw_line": [2], "study_name": ["PAL0708"], "date_egg": ["11/11/2007"]})
-    with pytest.raises(ValueError):
+    # the reader relies on the strict format: the error names the bad text and the format expected
+    with pytest.raises(ValueError, match='"11/11/2007" doesn\'t match format "%Y-%m-%d"'):
         cleaning.parse_dates(df, cleaning.DecisionLog(rows_in=1))
 
 

@@ -49,7 +49,7 @@ def test_pairing_gives_a_narrower_interval_than_ignoring_it():
 
 
 def test_paired_bootstrap_refuses_unpaired_inputs():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="paired bootstrap needs the same cases for both models"):
         compare.paired_bootstrap(np.zeros(3), np.zeros(4))
 
 
