@@ -155,6 +155,12 @@ def run(cell: str, pages: list[str], load: int = 0, timeout: int = 600) -> dict:
     return summary
 
 
+def summary_line(summary: dict) -> str:
+    """One line for a cell's JSON summary, as .ci/run prints it at the end."""
+    return (f"matrix cell {summary['cell']}: {summary['pages']} pages in {summary['seconds']} s, "
+            f"failed {summary['failed'] or 'none'}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -163,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load", type=int, default=0, help="CPU-bound processes to run alongside")
     parser.add_argument("--timeout", type=int, default=600, help="per-cell limit in seconds")
     parser.add_argument("--list", action="store_true", help="print the cells and exit")
+    parser.add_argument("--summarize", nargs="*", metavar="JSON", help="print one line per summary file and exit")
     args = parser.parse_args(argv)
+    if args.summarize is not None:
+        for path in args.summarize:
+            print(summary_line(json.loads(Path(path).read_text())))
+        return 0
     if args.list or not args.cell:
         for name, env in CELLS.items():
             print(f"{name:15s} {' '.join(f'{k}={v}' for k, v in env.items()) or '(nothing changed)'}"

@@ -52,6 +52,15 @@ def test_page_selection_follows_the_toc():
         portability.select_pages(["no-such-chapter"])
 
 
+def test_summaries_print_as_ci_reports_them(tmp_path):
+    summary = {"cell": "avx2-seed2", "pages": 12, "seconds": 508.2, "failed": []}
+    (tmp_path / "a.json").write_text(json.dumps(summary))
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "portability.py"), "--summarize",
+                           str(tmp_path / "a.json")], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "matrix cell avx2-seed2: 12 pages in 508.2 s, failed none"
+
+
 @pytest.mark.matrix
 @pytest.mark.parametrize("cell", portability.CI_CELLS)
 def test_book_executes_in_matrix_cell(cell, tmp_path):
