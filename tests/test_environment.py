@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 from _shared.env_check import installed_version, normalize, parse_pins, same_release
@@ -96,14 +97,8 @@ def test_binder_installs_the_lock_with_cpu_torch_and_nothing_else():
     index_urls, included, own = binder_requirements()
     assert included == [REQUIREMENTS.resolve()], f"binder must install the root lock, includes {included}"
     assert own == [], f"binder/requirements.txt pins packages of its own, a second list to drift: {own}"
-    assert any(urlsplit_path(u).rstrip("/").endswith("/whl/cpu") for u in index_urls), (
+    assert any(urlsplit(u).path.rstrip("/").endswith("/whl/cpu") for u in index_urls), (
         f"no CPU wheel index among {index_urls}: Binder would install the multi-GB CUDA torch")
-
-
-def urlsplit_path(url: str) -> str:
-    from urllib.parse import urlsplit
-
-    return urlsplit(url).path
 
 
 def test_binder_python_is_the_python_the_lock_is_tested_with():

@@ -9,6 +9,7 @@ book build; each cell takes minutes. One cell by hand: ``.venv/bin/python tests/
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -40,7 +41,7 @@ def test_a_cell_whose_variables_took_no_effect_is_refused():
 def test_the_probe_sees_a_forced_kernel_level():
     """The variables reach a fresh process: the same path the chapters' kernels take."""
     done = subprocess.run([sys.executable, "-c", portability.PROBE], capture_output=True, text=True,
-                          timeout=120, env={**__import__("os").environ, "ATEN_CPU_CAPABILITY": "default"})
+                          timeout=120, env={**os.environ, "ATEN_CPU_CAPABILITY": "default"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.splitlines()[-1])["torch_capability"] == "DEFAULT"
 
