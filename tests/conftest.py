@@ -8,7 +8,9 @@ tests marked ``matrix`` execute the book again under other CPU kernels and seeds
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +90,35 @@ def load_module(path: Path, name: str | None = None):
 @pytest.fixture(scope="session")
 def root() -> Path:
     return ROOT
+
+
+BUILD_TIMEOUT_S = 60 * 60
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def jupyter_book() -> str:
+    return shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or "jupyter-book"
+
+
+@pytest.fixture(scope="session")
+def build(tmp_path_factory):
+    """Build the book from clean into a temporary folder, once per session for every test file that
+    reads it; return (returncode, log, html folder, execution cache folder)."""
+    out = tmp_path_factory.mktemp("book")
+    cmd = [jupyter_book(), "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    log = ANSI.sub("", done.stdout + done.stderr)
+    (out / "build.log").write_text(log)
+    return done.returncode, log, out / "_build" / "html", out / "_build" / ".jupyter_cache"
+
+
+@pytest.fixture(scope="session")
+def html(build) -> Path:
+    returncode, log, html, _ = build
+    if not (html / "index.html").exists():
+        pytest.fail(f"the build produced no site; log tail:\n{log[-4000:]}")
+    if returncode == 0:
+        from pdf import make_pdf  # the site ships the PDF, as the publish workflow makes it
+        make_pdf(html.parent.parent)
+    return html

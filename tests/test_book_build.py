@@ -10,11 +10,7 @@ launch buttons.
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
-import subprocess
-import sys
 from collections import Counter
 from functools import cache
 from pathlib import Path
@@ -23,17 +19,9 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import pytest
 import yaml
 from bs4 import BeautifulSoup
-from conftest import ROOT, notebook_docs, toc_files
+from conftest import ROOT, notebook_docs, toc_files  # the build and html fixtures live in conftest.py
 
 pytestmark = pytest.mark.book
-
-BUILD_TIMEOUT_S = 60 * 60
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def jupyter_book() -> str:
-    return shutil.which("jupyter-book", path=str(Path(sys.executable).parent)) or "jupyter-book"
-
 
 def failed_pages(log: str, html: Path) -> list[str]:
     """Pages whose execution failed, named from the build log and the execution reports."""
@@ -43,26 +31,6 @@ def failed_pages(log: str, html: Path) -> list[str]:
     if reports.is_dir():
         named += [p.name.removesuffix(".err.log") for p in reports.rglob("*.err.log")]
     return sorted(set(named))
-
-
-@pytest.fixture(scope="session")
-def build(tmp_path_factory):
-    """Build the book from clean into a temporary folder; return (returncode, log, html folder)."""
-    out = tmp_path_factory.mktemp("book")
-    cmd = [jupyter_book(), "build", str(ROOT), "--path-output", str(out), "-W", "-n", "--keep-going"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    log = ANSI.sub("", done.stdout + done.stderr)
-    (out / "build.log").write_text(log)
-    return done.returncode, log, out / "_build" / "html", out / "_build" / ".jupyter_cache"
-
-
-@pytest.fixture(scope="session")
-def html(build) -> Path:
-    returncode, log, html, _ = build
-    if not (html / "index.html").exists():
-        pytest.fail(f"the build produced no site; log tail:\n{log[-4000:]}")
-    return html
 
 
 @cache
@@ -201,3 +169,218 @@ def test_status_page_shows_the_execution_table(html):
     text = table.get_text(" ")
     for doc in notebook_docs():
         assert doc in text, f"the status page's execution table has no row for {doc}"
+
+
+# A page whose chapter failed, or whose glue call was lost in an edit, still renders: the glued
+# number is silently empty ("stopped after epoch , eight epochs ...") and a missing figure leaves
+# its label as text. These checks read each notebook page's MyST source for every glue reference,
+# the glue values the execution recorded (jupyter_execute/<page>.glue.json), and the page's HTML.
+
+GLUE_ROLE = re.compile(r"^glue(?::(?:text|any|md|math))?$")
+GLUE_DIRECTIVE = re.compile(r"^\{(glue(?::(?:figure|any|md|math))?)\}\s*(\S*)")
+DIRECTIVE = re.compile(r"^\{([\w:-]+)\}")
+NOT_MARKDOWN = {"code-cell", "code", "code-block", "sourcecode", "literalinclude", "raw", "math", "bibliography"}
+LABEL_TEXT = re.compile(r"\bfig-[a-z0-9]+(?:-[a-z0-9]+)+\b")
+
+
+def directive_body(content: str) -> str:
+    """A directive's content without its option lines (``:name: x`` or a ``---`` YAML block)."""
+    lines = content.splitlines()
+    if lines and lines[0].strip() == "---":
+        end = next((i for i, line in enumerate(lines[1:], 1) if line.strip() == "---"), 0)
+        return "\n".join(lines[end + 1:])
+    start = 0
+    while start < len(lines) and re.match(r"^:[\w-]+:", lines[start]):
+        start += 1
+    return "\n".join(lines[start:])
+
+
+def glue_references(text: str) -> list[tuple[str, str]]:
+    """Every glue reference of a MyST page, in order, as (role or directive, key): the prose and
+    the bodies of directives (admonitions, exercises, figures), never code cells or code blocks."""
+    from markdown_it.renderer import RendererHTML
+    from myst_parser.config.main import MdParserConfig
+    from myst_parser.parsers.mdit import create_md_parser
+
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    extensions = set(config.get("parse", {}).get("myst_enable_extensions", []))
+    parser = create_md_parser(MdParserConfig(enable_extensions=extensions), RendererHTML)
+
+    def walk(markdown: str) -> list[tuple[str, str]]:
+        found = []
+        for token in parser.parse(markdown):
+            if token.type in ("fence", "colon_fence"):
+                glue = GLUE_DIRECTIVE.match(token.info.strip())
+                if glue:
+                    found.append((glue[1], glue[2]))
+                name = DIRECTIVE.match(token.info.strip())
+                if name and name[1] not in NOT_MARKDOWN:  # a figure's caption, an admonition's text
+                    found += walk(directive_body(token.content))
+            for child in token.children or []:
+                if child.type == "myst_role" and GLUE_ROLE.match(child.meta.get("name", "")):
+                    found.append((child.meta["name"], child.content.split(":", 1)[0].strip()))
+        return found
+
+    _, _, body = text.partition("\n---\n") if text.startswith("---\n") else ("", "", text)
+    return walk(body)
+
+
+def glue_value_present(output: dict | None) -> bool:
+    data = (output or {}).get("data", {})
+    values = [v if isinstance(v, str) else "".join(v) for k, v in data.items()
+              if k.startswith(("text/", "image/")) and not (k == "text/plain" and "image/png" in data)]
+    return any(v.strip() not in ("", "''", '""') for v in values)
+
+
+def glue_problems(source: str, glued: dict, page: BeautifulSoup) -> list[str]:
+    """What a reader would meet as a hole: a reference whose key the execution never glued or glued
+    empty, a rendered value that is empty, fewer rendered values than references, a glued figure
+    with no image, a figure label left as text, a reference Sphinx could not resolve."""
+    problems = []
+    refs = glue_references(source)
+    for kind, key in refs:
+        if "::" in key:
+            continue  # a value glued on another page: that page's own check covers it
+        if not glue_value_present(glued.get(key)):
+            problems.append(f"{{{kind}}} {key}: no value was glued" if key not in glued
+                            else f"{{{kind}}} {key}: the glued value is empty")
+    body = page.find("article") or page
+    spans = body.select("span.pasted-text")
+    problems += [f"an empty glued value after: {span.find_previous(string=True)!r}"
+                 for span in spans if not span.get_text(strip=True)]
+    roles = sum(kind == "glue:text" for kind, _ in refs)
+    if len(spans) != roles:
+        problems.append(f"{roles} {{glue:text}} references in the source, {len(spans)} values on the page")
+    for kind, key in refs:
+        if kind == "glue:figure":
+            figure = body.find(id=key) if key else None
+            if figure is None or not figure.find(["img", "svg"]):
+                problems.append(f"{{glue:figure}} {key}: no figure with an image on the page")
+    prose = BeautifulSoup(str(body), "html.parser")
+    for element in prose.find_all(["pre", "code", "script", "style"]):
+        element.decompose()
+    text = prose.get_text(" ")
+    problems += [f"figure label left as text: {m[0]!r}" for m in LABEL_TEXT.finditer(text)]
+    problems += [f"unresolved reference: {x.get_text()!r}" for x in prose.select("span.xref, span.std-numref")
+                 if x.find_parent("a") is None]
+    return problems
+
+
+def test_every_glue_reference_resolved_to_a_non_empty_value(html):
+    executed = html.parent / "jupyter_execute"
+    problems, refs = [], 0
+    for doc in notebook_docs():
+        source = (ROOT / f"{doc}.md").read_text()
+        glue_file = executed / f"{doc}.glue.json"
+        glued = json.loads(glue_file.read_text()) if glue_file.exists() else {}
+        refs += len(glue_references(source))
+        problems += [f"{doc}: {p}" for p in glue_problems(source, glued, soup(html / f"{doc}.html"))]
+    assert refs > 0, "no glue reference found in any notebook page: the reader of the sources is broken"
+    assert problems == [], "\n".join(problems[:60])
+
+
+CRAFTED_SOURCE = """---
+jupytext: {}
+---
+# A page
+
+```{code-cell} ipython3
+glue("epoch", 12)  # {glue:text}`not_a_reference` inside code is not a reference
+```
+
+The run stopped after epoch {glue:text}`epoch`, {glue:text}`gap:.0f` epochs after its best one.
+
+:::{note}
+Inside a directive: {glue:text}`epoch`.
+:::
+
+```{glue:figure} fig-train-confusion
+:name: fig-train-confusion
+
+The confusion matrix after {glue:text}`epoch` epochs.
+```
+
+See {numref}`fig-train-confusion`.
+"""
+
+GOOD_HTML = """<article>
+<p>The run stopped after epoch <span class="pasted-text">12</span>, <span class="pasted-text">8</span>
+epochs after its best one.</p><div class="note"><p>Inside a directive: <span class="pasted-text">12</span>.</p></div>
+<figure id="fig-train-confusion"><img src="a.png"/><figcaption>The confusion matrix after <span class="pasted-text">12</span> epochs.</figcaption></figure>
+<p>See <a href="#fig-train-confusion"><span class="std std-numref">Fig. 1</span></a>.</p>
+<pre>glue("epoch", 12)  # fig-not-a-label in code</pre></article>"""
+
+GOOD_GLUE = {"epoch": {"data": {"text/plain": "12"}}, "gap": {"data": {"text/plain": "8.0"}},
+             "fig-train-confusion": {"data": {"image/png": "iVBORw0KGgo", "text/plain": "<Figure>"}}}
+
+
+def test_glue_references_are_read_from_prose_and_directives_not_code():
+    assert glue_references(CRAFTED_SOURCE) == [
+        ("glue:text", "epoch"), ("glue:text", "gap"), ("glue:text", "epoch"), ("glue:figure", "fig-train-confusion"),
+        ("glue:text", "epoch")]
+
+
+def test_glue_check_passes_a_good_page_and_catches_every_kind_of_hole():
+    page = lambda markup: BeautifulSoup(markup, "html.parser")  # noqa: E731
+    assert glue_problems(CRAFTED_SOURCE, GOOD_GLUE, page(GOOD_HTML)) == []
+    # The failure the issue saw: the chapter failed, so the value rendered empty.
+    empty = GOOD_HTML.replace('<span class="pasted-text">12</span>,', '<span class="pasted-text"></span>,')
+    assert any("empty glued value" in p for p in glue_problems(CRAFTED_SOURCE, GOOD_GLUE, page(empty)))
+    # A key the execution never glued: myst-nb renders nothing at all in its place.
+    lost = {k: v for k, v in GOOD_GLUE.items() if k != "gap"}
+    dropped = GOOD_HTML.replace('<span class="pasted-text">8</span>', "")
+    problems = glue_problems(CRAFTED_SOURCE, lost, page(dropped))
+    assert "{glue:text} gap: no value was glued" in problems
+    assert "4 {glue:text} references in the source, 3 values on the page" in problems
+    # A value glued as an empty string.
+    blank = {**GOOD_GLUE, "gap": {"data": {"text/plain": "''"}}}
+    assert "{glue:text} gap: the glued value is empty" in glue_problems(CRAFTED_SOURCE, blank, page(GOOD_HTML))
+    # The figure is missing, and the reference to it is left as its label.
+    no_figure = re.sub(r"<figure.*?</figure>", "", GOOD_HTML, flags=re.S).replace(
+        '<a href="#fig-train-confusion"><span class="std std-numref">Fig. 1</span></a>',
+        '<span class="xref std std-numref">fig-train-confusion</span>')
+    problems = glue_problems(CRAFTED_SOURCE, GOOD_GLUE, page(no_figure))
+    assert "{glue:figure} fig-train-confusion: no figure with an image on the page" in problems
+    assert "figure label left as text: 'fig-train-confusion'" in problems
+    assert "unresolved reference: 'fig-train-confusion'" in problems
+
+
+def test_every_chapter_page_says_when_and_on_what_it_was_verified(html):
+    """The box book/_ext/verified.py adds at the bottom of each executed page: execution and build
+    date, the versions that decide the numbers, the CPU and the kernels PyTorch picked on it."""
+    import platform
+    from datetime import datetime, timedelta, timezone
+    from importlib import metadata
+
+    import torch
+
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    cpu = (re.findall(r"^model name\s*:\s*(.+)$", cpuinfo, re.M) or [platform.processor() or platform.machine()])[0]
+    expected = [f"python {platform.python_version()}",
+                *(f"{name} {metadata.version(name)}" for name in
+                  ("torch", "numpy", "scikit-learn", "onnxruntime", "jupyter-book")),
+                cpu.strip(), f"PyTorch CPU kernels {torch.backends.cpu.get_cpu_capability()}"]
+    chapters = [doc for doc in notebook_docs() if doc.startswith("notebooks/")]
+    assert chapters
+    problems = []
+    for doc in chapters:
+        article = soup(html / f"{doc}.html").find("article")
+        boxes = article.select(".gr-verified")
+        if len(boxes) != 1:
+            problems.append(f"{doc}: {len(boxes)} 'Last verified' boxes")
+            continue
+        following = [e for e in boxes[0].find_all_next(["p", "section", "h2"])
+                     if article in e.parents and boxes[0] not in e.parents]
+        if following:
+            problems.append(f"{doc}: the 'Last verified' box is not at the bottom of the page")
+        text = " ".join(boxes[0].get_text(" ").split())
+        problems += [f"{doc}: the box does not say {want!r}: {text!r}" for want in expected if want not in text]
+        stamps = re.findall(r"(\d{4}-\d\d-\d\d \d\d:\d\d) UTC", text)
+        if len(stamps) != 2:
+            problems.append(f"{doc}: no execution and build time in {text!r}")
+            continue
+        executed, built = (datetime.strptime(s, "%Y-%m-%d %H:%M").replace(tzinfo=timezone.utc) for s in stamps)
+        now = datetime.now(timezone.utc)
+        if not (executed <= built + timedelta(minutes=1) and now - timedelta(days=1) < built <= now + timedelta(minutes=1)):
+            problems.append(f"{doc}: executed {executed}, built {built}, now {now}: not this build's times")
+    assert problems == [], "\n".join(problems)

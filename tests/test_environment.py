@@ -288,3 +288,67 @@ def test_config_holds_the_repository_in_one_place():
     url = config["repository"]["url"]
     others = [p for p in repo_files() if p.name != "_config.yml" and url in p.read_text(errors="ignore")]
     assert others == [], f"the repository URL is repeated outside _config.yml in {others}"
+
+
+# The next release ---------------------------------------------------------------------------------
+
+RANGES = ROOT / "binder" / "ranges.txt"
+
+
+def ranges():
+    from packaging.requirements import Requirement
+
+    return [Requirement(line) for line in RANGES.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_ranges_keep_jupyter_book_1_and_hold_every_pin_of_the_lock():
+    found = {normalize(r.name): r for r in ranges()}
+    assert not found["jupyter-book"].specifier.contains("2.0.0"), "jupyter-book 2 is a different tool"
+    p = pins()
+    unpinned = sorted(name for name in found if name not in p)
+    assert unpinned == [], f"binder/ranges.txt names packages the lock does not pin: {unpinned}"
+    outside = [f"{name}=={p[name]} is outside {r.specifier}" for name, r in found.items()
+               if not r.specifier.contains(Version(p[name]).public, prereleases=True)]
+    assert outside == [], outside
+
+
+def test_next_release_workflow_builds_the_newest_releases_and_reports_with_least_permissions():
+    import yaml
+
+    flow = yaml.safe_load((ROOT / ".github" / "workflows" / "next-release.yml").read_text())
+    triggers = flow[True] if True in flow else flow["on"]
+    assert triggers["schedule"][0]["cron"] and flow["permissions"] == {}
+    build, report = flow["jobs"]["build"], flow["jobs"]["issue"]
+    assert build["permissions"] == {"contents": "read"}
+    lines = [line for step in build["steps"] for line in run_lines(step)]
+    assert any("--index-url https://download.pytorch.org/whl/cpu" in l and "torch" in l for l in lines), (
+        "torch must come from PyTorch's CPU index")
+    assert any(l.startswith("python -m pip install") and "-r binder/ranges.txt" in l for l in lines)
+    assert not any("requirements.txt" in l for l in lines), "the next-release build must not install the lock"
+    assert any(l.startswith("jupyter-book build . -W -n --keep-going") for l in lines)
+    assert not any("actions/cache" in s.get("uses", "") for s in build["steps"]), "it builds from clean"
+    writes = [s for s in build["steps"] if "tests/next_release.py" in s.get("run", "")]
+    assert writes and writes[0]["if"] == "failure()"
+    assert report["if"] == "failure()" and report["needs"] == "build"
+    assert report["permissions"] == {"issues": "write"}
+    assert any("gh issue create" in l for s in report["steps"] for l in run_lines(s))
+
+
+def test_next_release_report_names_the_chapter_and_the_cell(tmp_path):
+    """An execution report as nbclient writes it, for a real cell of a real chapter."""
+    import jupytext
+    import next_release
+    from conftest import notebook_docs
+
+    doc = notebook_docs()[1]
+    cells = [c.source for c in jupytext.read(ROOT / f"{doc}.md").cells if c.cell_type == "code"]
+    reports = tmp_path / "reports" / f"{doc}.err.log"
+    reports.parent.mkdir(parents=True)
+    reports.write_text("Traceback (most recent call last):\nnbclient.exceptions.CellExecutionError: "
+                       "An error occurred while executing the following cell:\n------------------\n"
+                       f"{cells[2]}\n------------------\n\n\nAssertionError: margin 0.01 < 0.02\n")
+    found = next_release.failures(tmp_path / "reports")
+    assert [(f.doc, f.cell, f.error) for f in found] == [(doc, 3, "AssertionError: margin 0.01 < 0.02")]
+    title, body = next_release.issue("", found, next_release.differences("numpy==2.4.6\n", "numpy==2.5.0\n"))
+    assert doc.rsplit("/", 1)[-1] in title and "(cell 3)" in title
+    assert "numpy 2.4.6 -> 2.5.0" in body

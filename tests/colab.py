@@ -1,0 +1,219 @@
+"""Write the Colab notebooks: every chapter as the executed ``.ipynb`` the book build made.
+
+Colab cannot open MyST Markdown, and a chapter alone is not enough there: it imports its companion
+scripts and the book's shared code, which sit next to it in the repository. So each notebook is the
+one the build executed (outputs included, so a reader sees the results before running anything),
+with one cell put in front. That cell does nothing outside Colab. Inside Colab it
+
+1. clones the repository at the commit the notebook was built from, once per runtime, and moves
+   into the chapter's folder (where the chapter expects to run);
+2. installs, at the book's pins, only the packages of this chapter that Colab does not have: the
+   packages its code imports and what they depend on, from ``requirements.txt``. Packages Colab
+   already has are left alone (replacing Colab's CUDA torch with the lock's would lose the GPU);
+3. hands over to the chapter's own first cell, the environment handshake, which says in one line
+   which installed versions differ from the book's.
+
+The publish workflow runs, after the book build::
+
+    python tests/colab.py --build _build --out _build/colab --commit "$GITHUB_SHA"
+
+and pushes ``_build/colab`` to the branch named by ``colab_branch`` in ``_config.yml``; the "Open in
+Colab" entry of each chapter's launch menu (``book/_ext/colab_button.py``) points there.
+``tests/test_colab.py`` writes them from the test session's build and checks them offline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(ROOT / "book" / "_ext"))
+sys.path.insert(0, str(ROOT / "notebooks"))
+
+SETUP_TAG = "colab-setup"
+
+SETUP_CELL = '''\
+# Colab only: fetch the chapter's companion files, install what Colab lacks. Elsewhere: nothing.
+import sys
+if "google.colab" in sys.modules:
+    import os, subprocess
+    from importlib import metadata
+    REPOSITORY, COMMIT, CHAPTER = {repository!r}, {commit!r}, {chapter!r}
+    PINS = {pins}
+    clone = os.environ.setdefault("GRADIENT_RAGE_CLONE", os.path.abspath("gradient-rage"))
+    if not os.path.isdir(os.path.join(clone, ".git")):
+        subprocess.run(["git", "clone", "--quiet", REPOSITORY, clone], check=True)
+        subprocess.run(["git", "-C", clone, "checkout", "--quiet", COMMIT], check=True)
+    os.chdir(os.path.join(clone, CHAPTER))
+    def _missing(name):
+        try:
+            return metadata.version(name) is None
+        except metadata.PackageNotFoundError:
+            return True
+    lacking = [f"{{name}}=={{version}}" for name, version in PINS.items() if _missing(name)]
+    if lacking:
+        print("Installing what Colab lacks:", " ".join(lacking))
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", *lacking], check=True)
+# The next cell is the chapter's own first cell: the environment handshake.
+'''
+
+
+def config() -> dict:
+    import yaml
+
+    return yaml.safe_load((ROOT / "_config.yml").read_text())
+
+
+def repository_url() -> str:
+    return config()["repository"]["url"]
+
+
+def colab_branch() -> str:
+    return config()["sphinx"]["config"]["colab_branch"]
+
+
+def chapters() -> list[str]:
+    """The chapters, in reading order, as TOC paths (``notebooks/NN-slug/NN-slug``)."""
+    from colab_button import is_chapter
+    from conftest import notebook_docs
+
+    return [doc for doc in notebook_docs() if is_chapter(doc)]
+
+
+def url(doc: str) -> str:
+    from colab_button import colab_url
+
+    return colab_url(repository_url(), colab_branch(), doc)
+
+
+# What a chapter needs --------------------------------------------------------------------------
+
+
+def imported_modules(source: str) -> set[str]:
+    """Top-level names of the modules ``source`` imports (IPython magics and shell lines dropped)."""
+    lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
+    try:
+        tree = ast.parse("\n".join(lines))
+    except SyntaxError:
+        return set()
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def chapter_sources(doc: str) -> list[str]:
+    """The chapter's code cells, its companion Python files and the book's shared code."""
+    import jupytext
+
+    page = ROOT / f"{doc}.md"
+    cells = [c.source for c in jupytext.read(page).cells if c.cell_type == "code"]
+    files = [p.read_text() for p in sorted(page.parent.glob("*.py"))]
+    shared = [p.read_text() for p in sorted((ROOT / "notebooks" / "_shared").glob("*.py"))]
+    return cells + files + shared
+
+
+def locked_closure(names: set[str], pins: dict[str, str]) -> dict[str, str]:
+    """``names`` (distributions) and everything they require, as far as the lock pins them."""
+    from _shared.env_check import normalize
+    from packaging.requirements import Requirement
+
+    todo, seen = [normalize(n) for n in names], set()
+    while todo:
+        name = todo.pop()
+        if name in seen or name not in pins:
+            continue
+        seen.add(name)
+        for line in metadata.requires(name) or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(normalize(req.name))
+    return {name: pins[name] for name in sorted(seen)}
+
+
+def chapter_pins(doc: str) -> dict[str, str]:
+    """Every locked distribution the chapter's code imports, with what those require, at its pin."""
+    from _shared.env_check import parse_pins
+
+    pins = parse_pins((ROOT / "requirements.txt").read_text())
+    modules = set().union(*(imported_modules(s) for s in chapter_sources(doc)))
+    providers = metadata.packages_distributions()
+    dists = {d for m in modules for d in providers.get(m, [])}
+    return locked_closure(dists, pins)
+
+
+# The notebooks ----------------------------------------------------------------------------------
+
+
+def setup_source(doc: str, commit: str) -> str:
+    pins = chapter_pins(doc)
+    body = ",\n        ".join(f"{name!r}: {version!r}" for name, version in pins.items())
+    return SETUP_CELL.format(repository=repository_url(), commit=commit, chapter=str(Path(doc).parent),
+                             pins="{\n        " + body + ",\n    }")
+
+
+def colab_notebook(executed: Path, doc: str, commit: str):
+    """The executed notebook with the Colab setup cell in front."""
+    import nbformat
+
+    nb = nbformat.read(executed, as_version=4)
+    cell = nbformat.v4.new_code_cell(setup_source(doc, commit), metadata={"tags": [SETUP_TAG]})
+    nb.cells.insert(0, cell)
+    nb.metadata.pop("source_map", None)  # myst-nb's line map of the .md, meaningless here
+    nb.metadata["colab"] = {"name": Path(doc).name + ".ipynb", "provenance": []}
+    nbformat.validate(nb)
+    return nb
+
+
+def write(build: Path, out: Path, commit: str) -> list[Path]:
+    """Write every chapter's Colab notebook from the build folder ``build`` into ``out``."""
+    import nbformat
+
+    written = []
+    for doc in chapters():
+        executed = build / "jupyter_execute" / f"{doc}.ipynb"
+        if not executed.is_file():
+            raise SystemExit(f"{executed} is missing: build the book first (jupyter-book build .)")
+        target = out / f"{doc}.ipynb"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        nbformat.write(colab_notebook(executed, doc, commit), target)
+        written.append(target)
+    (out / "README.md").write_text(
+        f"# Gradient Rage: the chapters as executed notebooks, for Colab\n\n"
+        f"Generated from commit {commit} of {repository_url()} by `tests/colab.py`; every push to\n"
+        f"main replaces this branch. The book's sources are MyST Markdown on main.\n")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--build", type=Path, default=ROOT / "_build",
+                        help="the book's build folder (holds jupyter_execute/); default: _build")
+    parser.add_argument("--out", type=Path, default=ROOT / "_build" / "colab",
+                        help="where to write the notebooks; default: _build/colab")
+    parser.add_argument("--commit", help="the commit the notebooks clone; default: HEAD")
+    parser.add_argument("--print-branch", action="store_true",
+                        help="print the branch the notebooks go to (colab_branch in _config.yml) and exit")
+    args = parser.parse_args(argv)
+    if args.print_branch:
+        print(colab_branch())
+        return 0
+    commit = args.commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True, check=True).stdout.strip()
+    for path in write(args.build, args.out, commit):
+        print(f"{path.relative_to(args.out)}  ->  {url(str(path.relative_to(args.out).with_suffix('')))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The Colab notebooks and the buttons that open them, checked offline from the session's build.
+
+``tests/colab.py`` writes, for every chapter, the notebook the build executed with a setup cell in
+front. Colab itself cannot be reached from here; what can be checked is checked: the notebooks exist
+for every chapter, hold exactly the chapter's code, carry the outputs the build made, their setup
+cell does nothing outside Colab and, in a stand-in Colab, clones the commit, moves into the chapter
+and installs only what is missing; and every chapter page's Colab button points at its notebook.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jupytext
+import nbformat
+import pytest
+from bs4 import BeautifulSoup
+from conftest import ROOT
+
+import colab
+
+pytestmark = pytest.mark.book
+
+
+@pytest.fixture(scope="session")
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+@pytest.fixture(scope="session")
+def notebooks(build, html, commit, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("colab")
+    colab.write(html.parent, out, commit)
+    return out
+
+
+def code_cells(nb) -> list[str]:
+    return [c.source for c in nb.cells if c.cell_type == "code"]
+
+
+def test_every_chapter_has_a_notebook_with_its_code_and_outputs(notebooks):
+    assert colab.chapters(), "no chapters found"
+    for doc in colab.chapters():
+        nb = nbformat.read(notebooks / f"{doc}.ipynb", as_version=4)
+        nbformat.validate(nb)
+        setup, *rest = [c for c in nb.cells if c.cell_type == "code"]
+        assert colab.SETUP_TAG in setup.metadata.get("tags", []), f"{doc}: the first code cell is not the setup"
+        chapter = jupytext.read(ROOT / f"{doc}.md")
+        assert [c.source for c in rest] == code_cells(chapter), f"{doc}: the notebook's code differs from the chapter's"
+        assert "check_environment(" in rest[0].source, f"{doc}: the handshake does not follow the setup cell"
+        assert any(c.outputs for c in rest), f"{doc}: the notebook carries no outputs"
+
+
+def run_setup(cell: str, cwd: Path, colab_kernel: bool, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a setup cell as a kernel would, in ``cwd``; ``colab_kernel`` stands in google.colab."""
+    prelude = "import sys, types; sys.modules['google.colab'] = types.ModuleType('google.colab')\n" if colab_kernel else ""
+    script = prelude + cell + "\nimport os; print('CWD=' + os.getcwd())\n"
+    return subprocess.run([sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def setup_cell(notebooks: Path, doc: str) -> str:
+    return nbformat.read(notebooks / f"{doc}.ipynb", as_version=4).cells[0].source
+
+
+@pytest.mark.parametrize("doc", colab.chapters())
+def test_the_setup_cell_does_nothing_outside_colab(notebooks, doc, tmp_path):
+    done = run_setup(setup_cell(notebooks, doc), tmp_path, colab_kernel=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == f"CWD={tmp_path}", f"it printed or moved: {done.stdout!r}"
+    assert list(tmp_path.iterdir()) == [], "it wrote files outside Colab"
+
+
+def test_in_colab_the_setup_cell_clones_the_commit_and_installs_only_what_is_missing(notebooks, commit, tmp_path):
+    doc = colab.chapters()[0]
+    cell = setup_cell(notebooks, doc)
+    # The repository URL is redirected to this clone; everything else runs as in Colab.
+    redirect = {"GIT_CONFIG_COUNT": "1", "GIT_CONFIG_KEY_0": f"url.{ROOT}.insteadOf",
+                "GIT_CONFIG_VALUE_0": colab.repository_url()}
+    done = run_setup(cell, tmp_path, colab_kernel=True, env=redirect)
+    assert done.returncode == 0, done.stderr[-2000:]
+    clone = tmp_path / "gradient-rage"
+    head = subprocess.run(["git", "-C", str(clone), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert head == commit, f"the clone is at {head}, the notebook was built from {commit}"
+    assert f"CWD={clone / Path(doc).parent}" in done.stdout, done.stdout
+    assert "Installing" not in done.stdout, f"everything is installed here, yet it installed: {done.stdout}"
+    # A package the runtime lacks is installed at its pin, and nothing else is: pip is told no index,
+    # so it fails naming exactly what it was asked for.
+    lacking = cell.replace("PINS = {", "PINS = {\n        'gradient-rage-absent': '1.0',", 1)
+    done = run_setup(lacking, tmp_path, colab_kernel=True, env={**redirect, "PIP_NO_INDEX": "1"})
+    assert "Installing what Colab lacks: gradient-rage-absent==1.0\n" in done.stdout, done.stdout
+    assert done.returncode != 0 and "gradient-rage-absent" in done.stderr, done.stderr[-1000:]
+
+
+def test_every_chapter_page_has_a_colab_button_pointing_at_its_notebook(html):
+    for doc in colab.chapters():
+        page = BeautifulSoup((html / f"{doc}.html").read_text(), "html.parser")
+        buttons = [a["href"] for a in page.find_all("a", href=True) if "colab.research.google.com" in a["href"]]
+        assert buttons == [colab.url(doc)], f"{doc}: Colab buttons {buttons}, expected {colab.url(doc)}"
+        assert colab.url(doc).endswith(f"/blob/{colab.colab_branch()}/{doc}.ipynb")
+    assert "colab.research" not in (html / "book" / "intro.html").read_text(), (
+        "a page without a notebook has a Colab button")
