@@ -327,3 +327,35 @@ def test_prepare_data_script_hands_off_the_chapters_table(tmp_path, cleaned):
     card = (tmp_path / "DATACARD.md").read_text()
     import pyarrow.parquet as pq
     assert pq.read_schema(result["penguins_clean.parquet"]).metadata[b"data_card"].decode() == card
+
+
+def test_group_split_never_shares_a_key_and_row_split_does():
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    X = pd.DataFrame({"x": np.arange(40.0)})
+    y = pd.Series([0, 1] * 20)
+    groups = pd.Series(np.repeat(np.arange(10), 4))  # ten "birds", four rows each
+    row = StratifiedKFold(5, shuffle=True, random_state=0)
+    grp = StratifiedGroupKFold(5, shuffle=True, random_state=0)
+    assert analysis.keys_on_both_sides(row, X, y, groups) > 0
+    assert analysis.keys_on_both_sides(grp, X, y, groups) == 0
+
+
+def test_season_scores_hold_out_each_season_once():
+    from sklearn.dummy import DummyClassifier
+    X = pd.DataFrame({"x": np.zeros(10)})
+    y = pd.Series([1, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    season = pd.Series([2007] * 3 + [2008] * 3 + [2009] * 4)
+    scores = analysis.season_scores(DummyClassifier(strategy="most_frequent"), X, y, season)
+    # each season is scored by the majority class of the other two: 0, 0 and 1
+    assert scores.index.tolist() == [2007, 2008, 2009]
+    assert scores.round(3).tolist() == [0.0, round(1 / 3, 3), 0.0]
+
+
+def test_season_drift_finds_a_planted_shift_and_its_interval():
+    rng = np.random.default_rng(0)
+    df = pd.DataFrame({"species": ["A"] * 200, "year": [2007] * 100 + [2009] * 100,
+                       "v": np.r_[rng.normal(0, 1, 100), rng.normal(2, 1, 100)]})
+    drift = analysis.season_drift(df, "v", 2007, 2009, np.random.default_rng(1))
+    row = drift.iloc[0]
+    assert row["n 2007"] == row["n 2009"] == 100
+    assert row["low"] < row["shift"] < row["high"] and row["low"] > 1.4 and row["high"] < 2.6

@@ -11,7 +11,8 @@ import pandas as pd
 from sklearn.compose import make_column_transformer
 from sklearn.feature_extraction.text import CountVectorizer
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import KFold, RepeatedStratifiedKFold, cross_val_score
+from sklearn.model_selection import (KFold, LeaveOneGroupOut, RepeatedStratifiedKFold, StratifiedGroupKFold,
+                                     StratifiedKFold, cross_val_score)
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder, StandardScaler, TargetEncoder
 
@@ -102,6 +103,59 @@ def single_feature_auc(features: pd.DataFrame, target: pd.Series) -> pd.Series:
 
     auc = {c: roc_auc_score(target, features[c].astype(float)) for c in features.columns}
     return pd.Series({c: max(a, 1 - a) for c, a in auc.items()}).sort_values(ascending=False)
+
+
+# ---------------------------------------------------------------- splits
+
+
+def row_and_group_scores(model, X: pd.DataFrame, y: pd.Series, groups: pd.Series, seed: int,
+                         repeats: int = 5) -> pd.DataFrame:
+    """Mean 5-fold score of one model under a row split and a group split, ``repeats`` times.
+
+    Row folds (``StratifiedKFold``) may put rows sharing a group on both sides; group folds
+    (``StratifiedGroupKFold``) never do. Repeat ``r`` uses ``random_state=seed + r`` for both,
+    so each row of the result is one pair of splits.
+    """
+    rows = []
+    for r in range(repeats):
+        row = StratifiedKFold(n_splits=5, shuffle=True, random_state=seed + r)
+        grp = StratifiedGroupKFold(n_splits=5, shuffle=True, random_state=seed + r)
+        rows.append({"row split": cross_val_score(model, X, y, cv=row).mean(),
+                     "group split": cross_val_score(model, X, y, cv=grp, groups=groups).mean()})
+    return pd.DataFrame(rows)
+
+
+def keys_on_both_sides(splitter, X: pd.DataFrame, y: pd.Series, groups: pd.Series) -> int:
+    """How many (fold, group) pairs have rows in both the training and the validation part."""
+    import warnings
+
+    shared = 0
+    with warnings.catch_warnings():  # row splitters accept groups and say they ignore them
+        warnings.filterwarnings("ignore", "The groups parameter is ignored")
+        for train, val in splitter.split(X, y, groups):
+            shared += len(set(groups.iloc[train]) & set(groups.iloc[val]))
+    return shared
+
+
+def season_scores(model, X: pd.DataFrame, y: pd.Series, season: pd.Series) -> pd.Series:
+    """Accuracy on each season when the model is trained on the other seasons only."""
+    folds = LeaveOneGroupOut()
+    held = [season.iloc[val].iloc[0] for _, val in folds.split(X, y, season)]
+    scores = cross_val_score(model, X, y, cv=folds, groups=season)
+    return pd.Series(scores, index=pd.Index(held, name="held-out season"), name="accuracy")
+
+
+def season_drift(df: pd.DataFrame, value: str, first, last, rng: np.random.Generator,
+                 n_boot: int = 2000) -> pd.DataFrame:
+    """Per species: mean of ``value`` in season ``last`` minus ``first``, with a bootstrap interval."""
+    rows = []
+    for species, group in df.dropna(subset=[value]).groupby("species"):
+        a = group.loc[group["year"] == first, value].to_numpy()
+        b = group.loc[group["year"] == last, value].to_numpy()
+        diff = rng.choice(b, (n_boot, b.size)).mean(axis=1) - rng.choice(a, (n_boot, a.size)).mean(axis=1)
+        low, high = np.percentile(diff, [2.5, 97.5])
+        rows.append((species, a.size, b.size, float(b.mean() - a.mean()), float(low), float(high)))
+    return pd.DataFrame(rows, columns=["species", f"n {first}", f"n {last}", "shift", "low", "high"])
 
 
 # ---------------------------------------------------------------- speed

@@ -25,9 +25,12 @@ HERE = Path(__file__).parent
 
 CAVEATS = [
     "One region (Anvers), three islands, three breeding seasons (2007-2009), adults at the one-egg "
-    "stage only: not a sample of penguins in general.",
+    "stage only: not a sample of penguins in general. Chinstrap come only from Dream and Gentoo only "
+    "from Biscoe, so island stands in for species.",
     "sex is missing for {sex_missing} birds (sexing failed or no blood sample); isotopes are missing "
-    "for {iso_missing}. Nothing is imputed: impute inside a model, fitted on training rows only.",
+    "for {iso_missing}, {iso_missing_2007} of them in the 2007/08 season (missing at random given "
+    "the season, not completely at random). Nothing is imputed: impute inside a model, fitted on "
+    "training rows only.",
     "individual_id is not unique ({id_repeats} repeats within species and island): do not use it as a key; "
     "the key is (study_name, species, sample_number).",
     "comments restate clutch_completion word for word: never use the free text as a feature for it.",
@@ -39,9 +42,10 @@ CAVEATS = [
 def caveats(clean, z: float) -> list[str]:
     """The caveats with their numbers filled in from the clean table."""
     repeats = int(clean.duplicated(["species", "island", "individual_id"]).sum())
+    iso = clean[["delta_15n_permil", "delta_13c_permil"]].isna().any(axis=1)
     values = dict(
         sex_missing=int(clean["sex"].isna().sum()),
-        iso_missing=int(clean[["delta_15n_permil", "delta_13c_permil"]].isna().any(axis=1).sum()),
+        iso_missing=int(iso.sum()), iso_missing_2007=int(iso[clean["year"] == 2007].sum()),
         id_repeats=repeats, outliers=int(clean["outlier_flag"].sum()), z=z,
     )
     return [c.format(**values) for c in CAVEATS]
