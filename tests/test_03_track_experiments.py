@@ -197,3 +197,28 @@ def test_rerun_script_reproduces_in_a_fresh_process_and_refuses_changed_data(sto
     mlflow.MlflowClient().set_tag(tracked.run_id, "data_sha256", "0" * 64)  # as if the data had changed
     code, result, _ = rerun()
     assert code == 2 and not result["identical"] and "trained on data" in result["error"]
+
+
+def test_promotion_moves_the_alias_keeps_a_rollback_and_refuses_other_data(store, experiment, data):
+    name = "test-registry-model"
+    config = digits.Config(**FAST, seed=2)
+    ours = tracking.log_training_run(config, data, digits.train, experiment_id=experiment)
+    other_data = digits.load_splits(split_seed=1)
+    theirs = tracking.log_training_run(config, other_data, digits.train, experiment_id=experiment)
+    client = mlflow.MlflowClient()
+    v1, v2 = tracking.register(ours, name), tracking.register(theirs, name)
+    assert tracking.alias_version(client, name, "champion") is None
+    data_hash = tracking.data_sha256(data)
+    assert tracking.promote(client, name, v1, "first", data_sha256=data_hash)["replaced"] is None
+    with pytest.raises(ValueError, match="trained on data .* not promoted"):
+        tracking.promote(client, name, v2, "other split", data_sha256=data_hash)
+    assert tracking.alias_version(client, name, "champion") == v1, "a refused promotion moved the alias"
+    with pytest.raises(ValueError, match="already holds"):
+        tracking.promote(client, name, v1, "again")
+    moved = tracking.promote(client, name, v2, "override without a data check")
+    assert moved == {"alias": "champion", "version": v2, "replaced": v1}
+    assert tracking.alias_version(client, name, "previous") == v1
+    served = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    assert np.array_equal(digits.predict(served, other_data["X_test"]),
+                          digits.predict(theirs.model, other_data["X_test"]))
+    assert client.get_model_version(name, v2).tags["promoted_to_champion"] == "override without a data check"

@@ -187,3 +187,41 @@ def summarize_configs(runs, metric: str = "val_acc", tiebreak: str = "val_loss",
     table = grouped[f"metrics.{metric}"].agg(["mean", "std", "min", "max", "count"])
     table[f"mean_{tiebreak}"] = grouped[f"metrics.{tiebreak}"].mean()
     return table.sort_values(["mean", f"mean_{tiebreak}"], ascending=[False, True])
+
+
+def register(tracked: TrackedRun, name: str) -> str:
+    """Register a tracked run's model as a new version of ``name``; the version carries the run's
+    data hash as a tag, so a promotion can refuse a model trained on other data. Returns the version."""
+    run = mlflow.get_run(tracked.run_id)
+    version = mlflow.register_model(tracked.model_uri, name,
+                                    tags={"data_sha256": run.data.tags["data_sha256"],
+                                          "run_id": tracked.run_id})
+    return str(version.version)
+
+
+def alias_version(client: mlflow.MlflowClient, name: str, alias: str) -> str | None:
+    """The version an alias points at, or None if the alias is not set."""
+    try:
+        return str(client.get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def promote(client: mlflow.MlflowClient, name: str, version: str, reason: str, *,
+            alias: str = "champion", data_sha256: str | None = None) -> dict[str, str | None]:
+    """Point ``alias`` at ``version`` and keep the version it replaces as ``previous`` (rollback is
+    one call). Refuses a version trained on other data than ``data_sha256`` and records the reason
+    for the promotion as a tag on the version. Returns what moved."""
+    model_version = client.get_model_version(name, version)
+    if data_sha256 is not None and model_version.tags.get("data_sha256") != data_sha256:
+        raise ValueError(f"{name} version {version} was trained on data "
+                         f"{model_version.tags.get('data_sha256', '?')[:12]}, not {data_sha256[:12]}: "
+                         "not promoted")
+    replaced = alias_version(client, name, alias)
+    if replaced == str(version):
+        raise ValueError(f"{name} version {version} already holds alias {alias!r}")
+    if replaced is not None:
+        client.set_registered_model_alias(name, "previous", replaced)
+    client.set_registered_model_alias(name, alias, str(version))
+    client.set_model_version_tag(name, str(version), f"promoted_to_{alias}", reason)
+    return {"alias": alias, "version": str(version), "replaced": replaced}
