@@ -1,9 +1,13 @@
 """Chapter 08's companion code: what a reader relies on when training with several processes.
 
-In-process first: checkpoints are atomic and refuse another run's state, the sampler's shards add up
-to the one-process batch, and a resumed run sees the same batches. Then real processes: two torchrun
-workers end with one process's parameters, and a worker killed with SIGKILL is restarted by torchrun
-and resumes to bit-identical parameters. Every script answers --help without importing torch.
+In-process first: checkpoints are atomic and carry a SHA-256 digest that catches a flipped bit, a
+cut or an empty file; the last K are kept and a resume falls back to the newest that verifies; a
+checkpoint of another run is refused; a NaN loss stops training; the sampler's shards add up to the
+one-process batch at any world size, and a resumed run sees the same batches. Then real processes:
+two torchrun workers end with one process's parameters, a worker killed with SIGKILL is restarted
+by torchrun and resumes to bit-identical parameters, a damaged run folder resumes to the
+uninterrupted weights, a NaN run fails without final.pt, and workers exit when their agent is
+killed. Every script answers --help without importing torch.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from conftest import NOTEBOOKS, load_module
@@ -44,8 +49,8 @@ def test_atomic_save_keeps_the_last_good_checkpoint_when_the_write_dies(tmp_path
     monkeypatch.setattr(core.os, "replace", crash)
     with pytest.raises(Killed):
         core.save_checkpoint({"step": 30, "w": torch.zeros(1 << 20)}, path)
-    assert torch.load(path, weights_only=True)["step"] == 20
-    assert (tmp_path / ".checkpoint.pt.tmp").stat().st_size > 1 << 20  # the partial write went elsewhere
+    assert core.read_checkpoint(path)["step"] == 20
+    assert core.tmp_path(path).stat().st_size > 1 << 20  # the partial write went elsewhere
 
 
 def test_in_place_save_interrupted_leaves_a_corrupt_file(tmp_path, monkeypatch):
@@ -57,8 +62,8 @@ def test_in_place_save_interrupted_leaves_a_corrupt_file(tmp_path, monkeypatch):
     monkeypatch.setattr(core.time, "sleep", crash)
     with pytest.raises(Killed):  # dies after the first MiB, as slow_save.py does when killed
         core.save_checkpoint({"step": 30, "w": torch.zeros(1 << 20)}, path, atomic=False, chunk_delay_s=1)
-    with pytest.raises(RuntimeError, match="zip archive"):
-        torch.load(path, weights_only=True)
+    with pytest.raises(core.CheckpointError, match=r"checkpoint\.pt cannot be read .*zip archive"):
+        core.read_checkpoint(path)
 
 
 def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):
@@ -72,6 +77,127 @@ def test_resume_refuses_a_checkpoint_from_another_run(tmp_path):
         core.load_checkpoint(path, core.Config(), shard=True)
 
 
+def small_state(step: int, cfg=core.Config()) -> dict:
+    model = core.make_model(cfg)
+    return {"step": step, "model": model.state_dict(), "optim": {}, "config": core.asdict(cfg), "shard": False}
+
+
+def flip_one_bit(path, tensor: torch.Tensor) -> None:
+    data = bytearray(path.read_bytes())
+    at = data.index(tensor.numpy().tobytes()) + 4 * (tensor.numel() // 2)
+    data[at] ^= 0x01  # the lowest mantissa bit of one float32 in the middle of the tensor
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_is_caught_by_the_digest_though_torch_load_takes_it(tmp_path):
+    path = tmp_path / "checkpoint-000010.pt"
+    state = small_state(10)
+    core.save_checkpoint(state, path)
+    flip_one_bit(path, state["model"]["3.weight"])
+    silently = torch.load(path, weights_only=True)["model"]  # what resumed before: a different model
+    assert 0 < max_gap(silently, state["model"]) < 1e-3
+    with pytest.raises(core.CheckpointError, match=r"checkpoint-000010\.pt is corrupt: SHA-256 digest mismatch"):
+        core.load_checkpoint(path, core.Config())
+
+
+def test_edited_metadata_is_caught_by_the_digest(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    state = small_state(10)
+    core.save_checkpoint(state, path)
+    digest = core.read_checkpoint(path)
+    fake = {**torch.load(path, weights_only=True), "step": 30}  # a hand-edited step, old digest kept
+    torch.save(fake, path)
+    assert digest["step"] == 10
+    with pytest.raises(core.CheckpointError, match="digest mismatch"):
+        core.read_checkpoint(path)
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda data: data[: len(data) // 2], r"cannot be read \(\d+ bytes; cut short"),
+    (lambda data: data[:100], r"cannot be read \(100 bytes; cut short"),
+    (lambda data: b"", r"is empty \(0 bytes\)"),
+])
+def test_a_torn_checkpoint_gets_an_error_naming_the_file(tmp_path, damage, message):
+    path = tmp_path / "checkpoint-000010.pt"
+    core.save_checkpoint(small_state(10), path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(core.CheckpointError, match=r"checkpoint-000010\.pt " + message):
+        core.load_checkpoint(path, core.Config())
+
+
+def test_a_checkpoint_without_a_digest_is_refused(tmp_path):
+    torch.save(small_state(10), tmp_path / "bare.pt")
+    with pytest.raises(core.CheckpointError, match="carries no SHA-256 digest"):
+        core.load_checkpoint(tmp_path / "bare.pt", core.Config())
+
+
+def test_only_the_last_k_checkpoints_are_kept(tmp_path):
+    for step in (10, 20, 30, 40):
+        core.save_and_prune(small_state(step), tmp_path, keep=3)
+    assert [p.name for p in core.checkpoints(tmp_path)] == [f"checkpoint-0000{s}.pt" for s in (40, 30, 20)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"checkpoint-0000{s}.pt" for s in (20, 30, 40)]
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path):
+    for step in (20, 30, 40):
+        core.save_and_prune(small_state(step), tmp_path)
+    flip_one_bit(tmp_path / "checkpoint-000040.pt", small_state(40)["model"]["3.weight"])
+    cut = tmp_path / "checkpoint-000030.pt"
+    cut.write_bytes(cut.read_bytes()[:-200])
+    (tmp_path / "checkpoint-000045.pt").write_bytes(b"")
+    stale = core.tmp_path(core.checkpoint_path(tmp_path, 50))
+    stale.write_bytes(b"half a write")
+    state, path, skipped = core.find_resume(tmp_path, core.Config())
+    assert (state["step"], path.name) == (20, "checkpoint-000020.pt")
+    why = dict(skipped)
+    assert list(why) == [stale.name, "checkpoint-000045.pt", "checkpoint-000040.pt", "checkpoint-000030.pt"]
+    assert "interrupted write, removed" in why[stale.name] and "empty" in why["checkpoint-000045.pt"]
+    assert "digest mismatch" in why["checkpoint-000040.pt"] and "cannot be read" in why["checkpoint-000030.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoint-000020.pt", "checkpoint-000030.pt.corrupt", "checkpoint-000040.pt.corrupt",
+        "checkpoint-000045.pt.corrupt"], "damaged files moved aside, the stale temporary file gone"
+    assert core.find_resume(tmp_path, core.Config())[1].name == "checkpoint-000020.pt"
+
+
+def test_a_folder_where_nothing_verifies_is_an_error_not_a_fresh_start(tmp_path):
+    core.save_checkpoint(small_state(10), core.checkpoint_path(tmp_path, 10))
+    core.checkpoint_path(tmp_path, 10).write_bytes(b"")
+    with pytest.raises(core.CheckpointError, match=r"no checkpoint in .* verifies: checkpoint-000010\.pt"):
+        core.find_resume(tmp_path, core.Config())
+    assert core.find_resume(tmp_path / "fresh", core.Config()) == (None, None, [])  # nothing yet: start
+
+
+def test_another_runs_checkpoint_is_refused_not_skipped(tmp_path):
+    core.save_and_prune(small_state(10), tmp_path)
+    core.save_and_prune(small_state(20, core.Config(lr=0.1)), tmp_path)
+    with pytest.raises(ValueError, match="lr: checkpoint 0.1 vs run 0.05"):
+        core.find_resume(tmp_path, core.Config())
+
+
+def test_a_non_finite_loss_stops_training_before_it_is_saved(tmp_path):
+    with pytest.raises(core.NonFiniteError, match=r"step \d+: the loss averaged over 1 rank\(s\) is (inf|nan)"):
+        core.train(core.Config(lr=50.0), core.Env(), ckpt_dir=tmp_path, ckpt_every=1)
+    assert all(torch.isfinite(t).all() for c in core.checkpoints(tmp_path)
+               for t in core.read_checkpoint(c)["model"].values()), "a checkpoint holds NaN or inf"
+
+
+def test_a_damaged_run_folder_resumes_to_the_uninterrupted_weights(tmp_path):
+    """The attack, through the training script itself, as one process."""
+    flags = FLAGS
+    straight = tmp_path / "straight"
+    launch.run(launch.single("train_ddp.py", "--run-dir", straight, *flags))
+    attacked = tmp_path / "attacked"
+    attacked.mkdir()
+    for c in core.checkpoints(straight):
+        (attacked / c.name).write_bytes(c.read_bytes())
+    newest = core.checkpoints(attacked)[0]
+    flip_one_bit(newest, core.read_checkpoint(newest)["model"]["5.weight"])
+    result = launch.run(launch.single("train_ddp.py", "--run-dir", attacked, *flags))
+    assert (result["start_step"], result["resumed_from"]) == (30, "checkpoint-000030.pt")
+    assert [name for name, _ in result["skipped"]] == [newest.name]
+    assert max_gap(core.read_checkpoint(attacked / "final.pt"), core.read_checkpoint(straight / "final.pt")) == 0.0
+
+
 def test_global_batch_must_split_evenly():
     with pytest.raises(ValueError, match="does not split evenly over 3 workers"):
         core.make_loader(core.make_data(core.Config()), core.Config(global_batch=64), core.Env(world=3))
@@ -82,14 +208,15 @@ def rank_batches(cfg, env, start=0):
     return {step: x for step, x, _ in core.batches(loader, sampler, start, cfg.steps)}
 
 
-@pytest.mark.parametrize("samples", [1024, 1000])
-def test_worker_shards_add_up_to_the_one_process_batch(samples):
+@pytest.mark.parametrize("samples,world", [(1024, 2), (1000, 2), (1024, 4)])
+def test_worker_shards_add_up_to_the_one_process_batch(samples, world):
+    """What makes a resume at another world size continue the same computation."""
     cfg = core.Config(samples=samples, steps=40)  # 40 steps cross epoch boundaries (reshuffle)
     one = rank_batches(cfg, core.Env())
-    ranks = [rank_batches(cfg, core.Env(rank=r, world=2)) for r in range(2)]
+    ranks = [rank_batches(cfg, core.Env(rank=r, world=world)) for r in range(world)]
     for step, x in one.items():
-        both = torch.cat([ranks[0][step], ranks[1][step]])
-        assert sorted(map(tuple, both.tolist())) == sorted(map(tuple, x.tolist())), f"step {step}"
+        every = torch.cat([ranks[r][step] for r in range(world)])
+        assert sorted(map(tuple, every.tolist())) == sorted(map(tuple, x.tolist())), f"step {step}"
 
 
 def test_resumed_run_sees_the_same_batches():
@@ -132,15 +259,15 @@ def ddp_run(tmp_path_factory):
     """The uninterrupted two-worker run, shared by the equivalence and the resume test."""
     out = tmp_path_factory.mktemp("ddp")
     result = launch.run(launch.torchrun("train_ddp.py", "--run-dir", out, *FLAGS), timeout=180)
-    return result, torch.load(out / "final.pt", weights_only=True)
+    return result, core.read_checkpoint(out / "final.pt"), out
 
 
 @pytest.mark.slow
 def test_two_workers_end_with_the_parameters_of_one_process(tmp_path, ddp_run):
-    ddp, ddp_params = ddp_run
+    ddp, ddp_params, _ = ddp_run
     one = launch.run(launch.single("train_ddp.py", "--run-dir", tmp_path, *FLAGS), timeout=180)
     assert (ddp["world"], ddp["backend"], ddp["threads"], one["world"]) == (2, "gloo", [1, 1], 1)
-    one_params = torch.load(tmp_path / "final.pt", weights_only=True)
+    one_params = core.read_checkpoint(tmp_path / "final.pt")
     initial = core.make_model(core.Config()).state_dict()
     assert max_gap(one_params, ddp_params) < 1e-5
     assert max_gap(one_params, initial) > 1e-2, "the runs must have trained for the comparison to mean anything"
@@ -163,5 +290,44 @@ def test_killed_worker_is_restarted_and_resumes_to_the_same_parameters(tmp_path,
         result, _, err = launch.finish(proc, timeout=180)
     assert f"exitcode: -9) local_rank: 1 (pid: {victim})" in err
     assert (result["attempt"], result["start_step"]) == (1, 20)
-    assert max_gap(torch.load(tmp_path / "final.pt", weights_only=True), ddp_run[1]) == 0.0
+    assert max_gap(core.read_checkpoint(tmp_path / "final.pt"), ddp_run[1]) == 0.0
     assert launch.alive([victim, *result["pids"]]) == [] and launch.stray_processes() == []
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_two_workers_resumes_in_one_process(tmp_path, ddp_run):
+    """An elastic job that shrinks: the same computation, to rounding, from the same checkpoint."""
+    _, ddp_params, out = ddp_run
+    (tmp_path / "checkpoint-000020.pt").write_bytes((out / "checkpoint-000020.pt").read_bytes())
+    model, _, start, _ = core.train(core.Config(), core.Env(), ckpt_dir=tmp_path)
+    assert start == 20 and max_gap(model.state_dict(), ddp_params) < 1e-5
+
+
+@pytest.mark.slow
+def test_a_non_finite_loss_fails_the_torchrun_job_without_final_pt(tmp_path):
+    with launch.running(launch.torchrun("train_ddp.py", "--run-dir", tmp_path, *FLAGS, "--lr", 50)) as proc:
+        _, err = proc.communicate(timeout=180)
+    assert proc.returncode != 0
+    assert "NonFiniteError: step" in err and ("rank(s) is inf" in err or "rank(s) is nan" in err), err[-2000:]
+    assert not (tmp_path / "final.pt").exists()
+
+
+@pytest.mark.slow
+def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path):
+    cmd = launch.torchrun("train_ddp.py", "--run-dir", tmp_path, "--pause-at-step", 25, *FLAGS)
+    with launch.running(cmd) as proc:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "fault.pid").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+            time.sleep(0.02)
+        workers = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.monotonic() + 30
+        while launch.alive(workers) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        err = proc.stderr.read()
+    assert len(workers) == 2 and launch.alive(workers) == [], f"orphans still running: {launch.alive(workers)}"
+    assert "is gone; exiting" in err  # the first to notice exits; its peer may fail at the next collective
+    assert not (tmp_path / "final.pt").exists(), "an orphan finished the job"
+    assert launch.stray_processes() == []

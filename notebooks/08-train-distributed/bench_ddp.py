@@ -133,6 +133,11 @@ def bench_ddp(args, env, core) -> dict:
         buckets = deep.reducer._get_zeros_like_grad_buckets()  # private API, display only
         found[f"deep_buckets_{cap:g}"] = len(buckets)
     found["deep_tensors"] = len(list(deep.parameters()))
+    default = core.wrap(make_model(args, deep=True), env, bucket_cap_mb=None)  # DDP's own
+    step = step_fn(default, x, y)
+    step(), step()  # the buckets are rebuilt, in gradient order, at the second step
+    buckets = default.reducer._get_zeros_like_grad_buckets()
+    found["deep_bucket_bytes_default"] = [b.buffer().numel() * b.buffer().element_size() for b in buckets]
     bufs = {name: torch.zeros(numel) for name, numel in (("grad", n_params), ("small", 1024))}
     fns = {f"allreduce_s_{name}": (lambda b=b: dist.all_reduce(b)) for name, b in bufs.items()}
     found.update(time_rounds(fns, args, dist.barrier))

@@ -4,7 +4,10 @@ Why a file and not a notebook cell: torchrun starts this script as several separ
 processes (one per CPU worker or GPU) and restarts them when one dies; a cell cannot be
 a worker. The chapter launches it and parses the last line it prints, one JSON object
 with the results. Only rank 0 prints and writes (the marker of --pause-at-step, written
-by the rank about to be killed, is the one exception).
+by the rank about to be killed, is the one exception). Checkpoints go to
+RUN_DIR/checkpoint-STEP.pt, the newest --keep of them kept, each with a SHA-256 digest; a
+restart resumes from the newest that verifies. A NaN or infinite loss stops the run with
+an error and no final.pt; a worker whose torchrun agent dies exits instead of training on.
 
 Launch lines, from this folder (the chapter adds --run-dir artifacts/NAME):
 
@@ -44,14 +47,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples", type=int, default=1024, help="size of the data set")
     p.add_argument("--hidden", type=int, default=64, help="width of the hidden layers")
     p.add_argument("--shard", action="store_true", help="FSDP2 (fully_shard), not DDP")
+    p.add_argument("--dcp", action="store_true",
+                   help="sharded checkpoints with torch.distributed.checkpoint: every rank "
+                        "writes its own shards to RUN_DIR/dcp-STEP/ (resumable at any world size)")
+    p.add_argument("--stop-at", type=int, default=None,
+                   help="end after this many steps, as a preempted job (no final.pt)")
     p.add_argument("--bucket-cap-mb", type=float, default=25.0, help="DDP bucket size")
     p.add_argument("--device", choices=["auto", "cpu"], default="auto",
                    help="auto: CUDA and NCCL when every local worker has a GPU of its own, "
                         "else CPU and gloo; cpu: always CPU and gloo")
     p.add_argument("--run-dir", type=Path, default=None,
-                   help="where rank 0 writes checkpoint.pt, losses.jsonl and final.pt")
+                   help="where rank 0 writes checkpoint-STEP.pt, losses.jsonl and final.pt")
     p.add_argument("--ckpt-every", type=int, default=10,
                    help="checkpoint every N steps (0: never; needs --run-dir)")
+    p.add_argument("--keep", type=int, default=3,
+                   help="checkpoints kept, newest first (default 3): the fall-backs")
     p.add_argument("--pause-at-step", type=int, default=None,
                    help="fault injection: on the first attempt the last rank writes "
                         "its pid to RUN_DIR/fault.pid at this step and waits to be killed")
@@ -91,7 +101,8 @@ def run(args, cfg, env, core) -> dict:
     t0 = time.perf_counter()
     if args.run_dir is not None and env.rank == 0:
         args.run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt = args.run_dir / "checkpoint.pt" if args.run_dir and args.ckpt_every else None
+    ckpt_dir = args.run_dir if args.run_dir and args.ckpt_every else None
+    resumed = {"path": None, "skipped": []}
 
     def before_step(step: int) -> None:
         if (step == args.pause_at_step and env.rank == env.world - 1
@@ -107,8 +118,14 @@ def run(args, cfg, env, core) -> dict:
             print(f"step {step + 1:4d}  loss {loss:.4f}", flush=True)
 
     model, opt, start, losses = core.train(
-        cfg, env, shard=args.shard, bucket_cap_mb=args.bucket_cap_mb, ckpt=ckpt,
-        ckpt_every=args.ckpt_every, before_step=before_step, log=log)
+        cfg, env, shard=args.shard, bucket_cap_mb=args.bucket_cap_mb, ckpt_dir=ckpt_dir,
+        ckpt_every=args.ckpt_every, keep=args.keep, before_step=before_step, log=log,
+        resumed=resumed, sharded_ckpt=args.dcp, stop_at=args.stop_at)
+    if env.rank == 0:
+        for name, why in resumed["skipped"]:
+            print(f"resume: skipped {name}: {why}", file=sys.stderr, flush=True)
+        if resumed["path"]:
+            print(f"resume: from {resumed['path']} (step {start})", file=sys.stderr, flush=True)
     msd, _ = core.get_full_state(model, opt, args.shard)
     optim_state = [t for s in opt.state.values() for t in s.values()
                    if isinstance(t, torch.Tensor) and t.dim() > 0]
@@ -123,13 +140,16 @@ def run(args, cfg, env, core) -> dict:
         torch.distributed.all_gather_object(ranks, mine)
     if env.rank != 0:
         return {}
-    if args.run_dir is not None:
+    finished = start + len(losses) == cfg.steps
+    if args.run_dir is not None and finished:
         core.save_checkpoint(dict(msd), args.run_dir / "final.pt")
     result = {
         "world": env.world,
         "backend": torch.distributed.get_backend() if env.world > 1 else "none",
         "strategy": ("fsdp2" if args.shard else "ddp") if env.world > 1 else "single",
         "attempt": env.attempt, "start_step": start, "steps": cfg.steps,
+        "resumed_from": resumed["path"], "skipped": resumed["skipped"],
+        "saved_by_world": resumed.get("saved_by"), "end_step": start + len(losses),
         "global_batch": cfg.global_batch,
         "last_loss": losses[-1][1] if losses else None,
         "full_loss": core.full_dataset_loss(msd, cfg),
