@@ -59,7 +59,8 @@ def client(app_module, model_path):
     with warnings.catch_warnings():  # starlette announces a future switch of its test client's HTTP library
         warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
         from fastapi.testclient import TestClient
-    app = app_module.create_app(app_module.Settings(model_path=str(model_path), max_batch=8, max_wait_ms=1))
+    app = app_module.create_app(app_module.Settings(model_path=str(model_path), max_batch=8, max_wait_ms=1,
+                                                    allowed_hosts="testserver", admin_hosts="testclient"))
     with TestClient(app) as c:  # the context runs the lifespan: the batching loop starts and drains
         yield c
 
@@ -74,8 +75,146 @@ def expected_labels(model_path, meta, x):
 # --- the request contract, in process -------------------------------------------------------------
 
 def test_settings_come_from_serve_environment_variables(app_module):
-    s = app_module.Settings.from_env({"SERVE_MAX_BATCH": "16", "SERVE_MAX_WAIT_MS": "0.5", "OTHER": "x"})
-    assert (s.max_batch, s.max_wait_ms, s.ort_threads) == (16, 0.5, 1)
+    s = app_module.Settings.from_env({"SERVE_MAX_BATCH": "16", "SERVE_MAX_WAIT_MS": "0.5", "OTHER": "x",
+                                      "SERVE_MAX_QUEUE_ROWS": "64", "SERVE_DEADLINE_MS": "50", "SERVE_DOCS": "1"})
+    assert (s.max_batch, s.max_wait_ms, s.ort_threads, s.max_queue_rows, s.deadline_ms, s.docs) == (16, 0.5, 1, 64, 50.0, 1)
+    every = {f"SERVE_{k.upper()}" for k in app_module.Settings().__dict__}
+    assert {"SERVE_MAX_ROWS", "SERVE_MAX_BODY_BYTES", "SERVE_ALLOWED_HOSTS", "SERVE_ADMIN_HOSTS", "SERVE_DRAIN_S"} <= every
+
+
+def test_a_bad_serve_variable_names_itself(app_module):
+    with pytest.raises(ValueError, match="SERVE_MAX_BATCH='lots' is not a valid int"):
+        app_module.Settings.from_env({"SERVE_MAX_BATCH": "lots"})
+
+
+def make_client(app_module, model_path, **settings):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
+        from fastapi.testclient import TestClient
+    defaults = dict(model_path=str(model_path), max_batch=8, max_wait_ms=1, allowed_hosts="testserver",
+                    admin_hosts="testclient")
+    return TestClient(app_module.create_app(app_module.Settings(**{**defaults, **settings})))
+
+
+def test_docs_schema_and_stats_are_closed_by_default(app_module, model_path):
+    with make_client(app_module, model_path, admin_hosts="127.0.0.1") as c:
+        assert [c.get(p).status_code for p in ("/docs", "/openapi.json", "/redoc")] == [404, 404, 404]
+        r = c.get("/stats")  # the test client's address is not an admin host
+        assert r.status_code == 403 and "admin" in r.json()["error"]
+        assert c.get("/ready").status_code == 200
+    with make_client(app_module, model_path, docs=1) as c:
+        assert c.get("/openapi.json").status_code == 200 and c.get("/stats").status_code == 200
+
+
+def test_a_foreign_host_header_gets_400(client):
+    r = client.get("/ready", headers={"host": "evil.example"})
+    assert r.status_code == 400 and "evil.example" in r.json()["error"]
+    assert client.get("/ready", headers={"host": "testserver:8000"}).status_code == 200
+
+
+def test_validation_stops_at_the_first_bad_value(app_module):
+    """65,536 bad values must cost one error, not 65,536 (before: 130 ms of event loop per request)."""
+    from pydantic import ValidationError
+
+    request_model = app_module.make_request_model(64, 1024)
+    body = json.dumps({"instances": [["7"] * 64] * 1024}).encode()
+    with pytest.raises(ValidationError) as info:
+        request_model.model_validate_json(body)
+    assert info.value.error_count() == 1
+    with pytest.raises(app_module.RequestError) as err:
+        app_module.parse_json(body, request_model, 64, 1024)
+    assert err.value.status == 422 and err.value.details[0].startswith("row 0, feature 0")
+
+
+def test_a_model_exception_is_a_clean_counted_500(app_module, model_path, digits):
+    with make_client(app_module, model_path) as c:
+        def explode(x):
+            raise RuntimeError("weights on fire")
+        c.app.app.app.state.batcher.predict = explode  # the FastAPI app under the two middlewares
+        r = c.post("/predict", json={"instances": [digits[0].tolist()]})
+        assert r.status_code == 500 and "RuntimeError: weights on fire" in r.json()["error"], r.text
+        stats = c.get("/stats").json()
+        assert stats["model_errors"] == 1 and stats["responses"]["5xx"] == 1
+        assert c.get("/ready").status_code == 200  # one bad batch does not take the server out
+
+
+def test_ready_fails_and_predict_answers_503_when_the_batching_loop_died(app_module, model_path, digits):
+    with make_client(app_module, model_path) as c:
+        batcher = c.app.app.app.state.batcher
+        c.portal.call(lambda: batcher.task.cancel() and None)  # the loop dies (as on an unexpected error)
+        deadline = __import__("time").monotonic() + 5
+        while not batcher.task.done() and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.01)
+        r = c.get("/ready")
+        assert r.status_code == 503 and r.json()["batcher_running"] is False
+        p = c.post("/predict", json={"instances": [digits[0].tolist()]})  # answered at once, not hung
+        assert p.status_code == 503 and "batching loop" in p.json()["error"] and p.headers["retry-after"] == "1"
+
+
+def test_a_client_hang_up_is_a_disconnect_not_a_5xx(app_module, model_path):
+    """An ASGI call whose client disconnects mid-body: before, a ClientDisconnect traceback and a 5xx."""
+    import anyio
+
+    with make_client(app_module, model_path) as c:
+        asgi = c.app
+        sent = []
+
+        async def call():
+            messages = [{"type": "http.request", "body": b'{"instances": [[1', "more_body": True},
+                        {"type": "http.disconnect"}]
+
+            async def receive():
+                return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message)
+
+            scope = {"type": "http", "method": "POST", "path": "/predict", "raw_path": b"/predict",
+                     "query_string": b"", "root_path": "", "scheme": "http", "http_version": "1.1",
+                     "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+                     "client": ("testclient", 1), "server": ("testserver", 80)}
+            await asgi(scope, receive, send)
+
+        c.portal.call(call)
+        stats = c.get("/stats").json()
+        assert stats["disconnects"] == 1 and stats["responses"].get("5xx", 0) == 0, stats
+
+
+def run_batcher_limits(app_module, *, max_queue_rows=1 << 30, deadline_s=math.inf, slow_s=0.0, sizes=(1,)):
+    import time
+
+    def predict(x):
+        time.sleep(slow_s)
+        return x[:, 0].astype(int)
+
+    async def main():
+        batcher = app_module.Batcher(predict, 4, 0.0, app_module.Stats(), max_queue_rows=max_queue_rows,
+                                     deadline_s=deadline_s)
+        batcher.start()
+        results = await asyncio.gather(*(batcher.submit(np.zeros((n, 3), np.float32)) for n in sizes),
+                                       return_exceptions=True)
+        await batcher.drain()
+        return results
+
+    return asyncio.run(main())
+
+
+def test_a_full_queue_answers_503_with_retry_after_at_once(app_module):
+    results = run_batcher_limits(app_module, max_queue_rows=8, sizes=[4, 4, 4, 1])
+    refused = [r for r in results if isinstance(r, app_module.RequestError)]
+    assert len(refused) == 2 and all(r.status == 503 and r.retry_after == 1 for r in refused), results
+    assert "rows already queued" in refused[0].message
+    assert sum(isinstance(r, np.ndarray) for r in results) == 2  # nothing lost: answered or refused
+
+
+def test_a_request_past_its_deadline_is_refused_not_run(app_module):
+    """Batches of 4 rows, 50 ms per model call, 20 one-row requests, 120 ms deadline: the first
+    batches run, the rest expire in the queue and get 503 instead of an answer nobody waits for."""
+    results = run_batcher_limits(app_module, deadline_s=0.12, slow_s=0.05, sizes=[1] * 20)
+    served = [r for r in results if isinstance(r, np.ndarray)]
+    expired = [r for r in results if isinstance(r, app_module.RequestError)]
+    assert len(served) + len(expired) == 20 and 4 <= len(served) < 20, (len(served), len(expired))
+    assert all(r.status == 503 and "deadline" in r.message for r in expired)
 
 
 def test_health_and_ready_carry_the_model_version(client, meta):
@@ -306,3 +445,74 @@ def test_real_server_process_serves_rejects_survives_load_and_stops(server_proce
     assert "Finished server process" in server.log_tail(3)
     assert not server_process.port_is_open(server.port)
     assert server.proc.pid not in [p.pid for p in psutil.Process().children(recursive=True)]
+
+
+@pytest.fixture()
+def hardened(server_process, model_path):
+    """A real server with short timeouts, a small connection limit, a small body limit and env settings."""
+    env = {"SERVE_IDLE_TIMEOUT_S": "1", "SERVE_READ_TIMEOUT_S": "1", "SERVE_MAX_CONNECTIONS": "40",
+           "SERVE_MAX_BODY_BYTES": "100000", "SERVE_MAX_ROWS": "4"}
+    server = server_process.ServerProcess(max_batch=8, max_wait_ms=1, model_path=model_path, extra_env=env)
+    server.start(ready_timeout=60)
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+def test_idle_and_stalled_connections_are_reclaimed_and_honest_clients_served(server_process, hardened, digits):
+    import httpx
+
+    idle = server_process.open_hostile(hardened.port, 30, "idle")
+    stalled = server_process.open_hostile(hardened.port, 30, "stalled")  # 60 > the limit of 40
+    answers = [httpx.post(f"{hardened.url}/predict", json={"instances": [digits[0].tolist()]}, timeout=5)
+               for _ in range(10)]
+    assert [r.status_code for r in answers] == [200] * 10
+    seen_idle, seen_stalled = (server_process.closed_by_server(idle, 2.5), server_process.closed_by_server(stalled))
+    assert seen_idle["closed"] == 30 and seen_stalled["closed"] == 30, (seen_idle, seen_stalled)
+    stats = httpx.get(f"{hardened.url}/stats").json()
+    closed = stats["closed_connections"]
+    assert closed.get("evicted", 0) >= 20 and closed.get("idle", 0) + closed.get("slow", 0) >= 1, closed
+    assert stats["responses"].get("5xx", 0) == 0, stats
+    for s in idle + stalled:
+        s.close()
+
+
+@pytest.mark.slow
+def test_serve_settings_reach_the_process_and_a_chunked_body_is_capped(server_process, hardened, digits):
+    import httpx
+
+    five = httpx.post(f"{hardened.url}/predict", json={"instances": digits[:5].tolist()})
+    assert five.status_code == 422 and "limit of 4 rows" in " ".join(five.json()["details"]), five.text
+    assert httpx.post(f"{hardened.url}/predict", json={"instances": digits[:4].tolist()}).status_code == 200
+    status, body = server_process.chunked_body(hardened.port, 300_000)  # no Content-Length header at all
+    assert status == 413, body
+    assert httpx.get(f"{hardened.url}/ready").json()["max_batch"] == 8
+
+
+@pytest.mark.slow
+def test_hang_ups_are_disconnects_with_no_traceback(server_process, hardened):
+    import httpx
+
+    server_process.hang_ups(hardened.port, 10)
+    import time
+
+    time.sleep(1.5)  # the read timeout has reclaimed any half-open request
+    stats = httpx.get(f"{hardened.url}/stats").json()
+    assert stats["responses"].get("5xx", 0) == 0 and stats["disconnects"] == 10, stats
+    assert "Traceback" not in hardened.log_path.read_text(), hardened.log_tail()
+
+
+@pytest.mark.slow
+def test_sigterm_fails_readiness_first_and_answers_every_request_sent(server_process, model_path, digits):
+    server = server_process.ServerProcess(max_batch=8, max_wait_ms=1, model_path=model_path,
+                                          extra_env={"SERVE_DRAIN_S": "1"}, graceful_s=2)
+    server.start(ready_timeout=60)
+    try:
+        slow = server_process.open_hostile(server.port, 1, "stalled")  # a slow client may not hold the exit up
+        result = server_process.keepalive_across_sigterm(server, digits[:1].astype("<f4").tobytes())
+    finally:
+        server.stop()
+    assert result["ready_failed_after_s"] is not None and result["ready_failed_after_s"] < 0.5, result
+    assert set(result["outcomes"]) == {200} and result["outcomes"][200] > result["answered_before_sigterm"], result
+    assert result["exit_code"] == -signal.SIGTERM and result["sigterm_to_exit_s"] < 1 + 2 + 2, result
+    slow[0].close()

@@ -150,14 +150,38 @@ async def exchange(pool: asyncio.Queue, raw: bytes, intended: float, timeout: fl
     rec.add(intended, issued, sent, time.perf_counter(), status)
 
 
+def arrival_offsets(kind: str, rate: float, n: int, seed: int, burst_period_s: float = 0.5) -> list[float]:
+    """Seconds after the start at which each of ``n`` requests is due, at a mean of ``rate`` per second.
+
+    * ``uniform``: evenly spaced, i / rate (what most tools send, and the kindest load there is);
+    * ``poisson``: independent users, exponential gaps with mean 1 / rate;
+    * ``bursty``: Poisson whose rate switches every ``burst_period_s``: 3x the mean for the first
+      20% of each period, half the mean for the rest (same mean, far worse queues)."""
+    import numpy as np
+
+    if kind == "uniform":
+        return [i / rate for i in range(n)]
+    rng = np.random.default_rng(seed)
+    if kind == "poisson":
+        return np.cumsum(rng.exponential(1 / rate, n)).tolist()
+    out, t = [], 0.0
+    while len(out) < n:  # thinning: draw at the peak rate, keep each with probability rate(t) / peak
+        t += rng.exponential(1 / (3 * rate))
+        phase = (t % burst_period_s) / burst_period_s
+        if rng.random() < (1.0 if phase < 0.2 else 0.5 / 3):
+            out.append(t)
+    return out
+
+
 async def open_loop(pool: asyncio.Queue, requests: list[bytes], rate: float, n: int,
-                    timeout: float, rec: Recorder) -> None:
-    """Request i is due at t0 + i / rate, whatever the server is doing. Each request is
-    its own task, so a slow answer never delays the next send; latency runs from ``due``."""
+                    timeout: float, rec: Recorder, offsets: list[float] | None = None) -> None:
+    """Request i is due at t0 + offsets[i] (i / rate by default), whatever the server is doing. Each
+    request is its own task, so a slow answer never delays the next send; latency runs from ``due``."""
     t0 = time.perf_counter() + 0.01
     tasks = []
+    offsets = offsets or [i / rate for i in range(n)]
     for i in range(n):
-        due = t0 + i / rate
+        due = t0 + offsets[i]
         if (wait := due - time.perf_counter()) > 0:
             await asyncio.sleep(wait)
         raw = requests[i % len(requests)]
@@ -185,9 +209,11 @@ async def closed_loop(pool: asyncio.Queue, requests: list[bytes], rate: float, n
     await asyncio.gather(*(worker(k) for k in range(connections)))
 
 
-def summarize(rec: Recorder, rate: float, mode: str, elapsed: float) -> dict:
+def summarize(rec: Recorder, rate: float, mode: str, elapsed: float, target_ms: float = math.inf) -> dict:
     start = rec.sent if mode == "closed" else rec.intended  # the closed loop's clock starts at the send
     ok = [d - s for d, s, st in zip(rec.done, start, rec.status) if st == 200]
+    answered = [d - s for d, s, st in zip(rec.done, start, rec.status) if isinstance(st, int)]
+    good = sum(latency <= target_ms / 1e3 for latency in ok)  # answered 200 within the target
     counts = {"ok": sum(st == 200 for st in rec.status),
               "http_4xx": sum(isinstance(st, int) and 400 <= st < 500 for st in rec.status),
               "http_5xx": sum(isinstance(st, int) and st >= 500 for st in rec.status),
@@ -195,7 +221,10 @@ def summarize(rec: Recorder, rate: float, mode: str, elapsed: float) -> dict:
     behind = [s - i for s, i in zip(rec.issued, rec.intended)]  # the generator itself running late
     queued = [s - i for s, i in zip(rec.sent, rec.issued)]  # waiting for a free connection
     ms = {f"p{q}_ms": 1e3 * percentile(ok, q) for q in (50, 95, 99)}
+    counts["http_503"] = sum(st == 503 for st in rec.status)
     return {"offered_rps": rate, "sent": len(rec.status), **counts, "achieved_rps": counts["ok"] / elapsed,
+            "goodput_rps": good / elapsed, "good_share": good / max(1, len(rec.status)),
+            "answered_max_ms": 1e3 * max(answered, default=math.nan),
             **ms, "max_ms": 1e3 * max(ok, default=math.nan), "generator_late_p99_ms": 1e3 * percentile(behind, 99),
             "connection_wait_p99_ms": 1e3 * percentile(queued, 99)}
 
@@ -211,7 +240,8 @@ async def run_level(port: int, requests: list[bytes], rate: float, args) -> tupl
     t0 = time.perf_counter()
     try:
         if args.mode == "open":
-            await open_loop(pool, requests, rate, n, args.timeout, rec)
+            offsets = arrival_offsets(args.arrivals, rate, n, args.seed)
+            await open_loop(pool, requests, rate, n, args.timeout, rec, offsets)
         else:
             await closed_loop(pool, requests, rate, n, args.timeout, args.connections, args.duration, rec)
     finally:
@@ -220,7 +250,7 @@ async def run_level(port: int, requests: list[bytes], rate: float, args) -> tupl
     cpu, after = cpu_seconds() - cpu0, await get_json(port, "/stats")
     while not pool.empty():
         pool.get_nowait().close()
-    level = summarize(rec, rate, args.mode, elapsed)
+    level = summarize(rec, rate, args.mode, elapsed, args.target_ms)
     batches, rows = after["batches"] - before["batches"], after["rows"] - before["rows"]
     level.update(elapsed_s=elapsed, rows_per_request=args.rows, server_batches=batches,
                  server_gc_pause_s=after["gc_pause_s"] - before["gc_pause_s"],
@@ -258,6 +288,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--rates", default="100,200", help="offered loads in requests/s, comma separated")
     parser.add_argument("--duration", type=float, default=2.0, help="seconds per load level")
     parser.add_argument("--mode", choices=("open", "closed"), default="open")
+    parser.add_argument("--arrivals", choices=("uniform", "poisson", "bursty"), default="uniform",
+                        help="open loop: when requests fall due (poisson and bursty are seeded by --seed)")
+    parser.add_argument("--target-ms", type=float, default=math.inf,
+                        help="latency target: goodput counts the 200s answered within it")
     parser.add_argument("--connections", type=int, default=64, help="keep-alive connections (closed: workers)")
     parser.add_argument("--payload", choices=("json", "binary"), default="json")
     parser.add_argument("--rows", type=int, default=1, help="rows per request")

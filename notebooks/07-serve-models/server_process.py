@@ -55,7 +55,7 @@ class ServerProcess:
 
     def __init__(self, *, max_batch: int = 32, max_wait_ms: float = 2.0, ort_threads: int = 1,
                  model_path: str | Path = "", port: int | None = None, log_path: str | Path | None = None,
-                 graceful_s: int = 5, extra_env: dict | None = None):
+                 graceful_s: int = 5, http: str = "h11", loop: str = "asyncio", extra_env: dict | None = None):
         self.port = port or free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.log_path = Path(log_path) if log_path else HERE / "artifacts" / f"server-{self.port}.log"
@@ -64,6 +64,7 @@ class ServerProcess:
                     "OMP_NUM_THREADS": "1", **(extra_env or {})}
         self.command = [sys.executable, "-m", "uvicorn", "app:create_app", "--factory", "--app-dir", str(HERE),
                         "--host", HOST, "--port", str(self.port), "--workers", "1", "--no-access-log",
+                        "--http", {"h11": "guard:H11", "httptools": "guard:HttpTools"}[http], "--loop", loop,
                         "--timeout-graceful-shutdown", str(graceful_s)]
         self.proc: subprocess.Popen | None = None
 
@@ -253,3 +254,199 @@ def gc_cost(model_path: str | Path, timeout: float = 120.0) -> dict:
     if done.returncode != 0:
         raise RuntimeError(f"gc probe failed:\n{done.stderr[-3000:]}")
     return parse_last_json(done.stdout)
+
+
+# --- hostile clients, as real sockets: used by the chapter's attack section and the tests -----------
+
+def open_hostile(port: int, n: int, kind: str) -> list[socket.socket]:
+    """``n`` connections that tie the server up: ``idle`` (connect, send nothing) or ``stalled``
+    (send headers promising a 1 KiB body, then 10 bytes of it, then nothing)."""
+    head = (f"POST /predict HTTP/1.1\r\nhost: {HOST}:{port}\r\ncontent-type: application/json\r\n"
+            "content-length: 1024\r\n\r\n{\"instances").encode()
+    socks = []
+    for _ in range(n):
+        s = socket.create_connection((HOST, port), timeout=5)
+        if kind == "stalled":
+            s.sendall(head)
+        socks.append(s)
+    return socks
+
+
+def closed_by_server(socks: list[socket.socket], wait_s: float = 0.0) -> dict:
+    """How many of ``socks`` the server has closed (EOF or reset), and how many got a 408 first."""
+    import select
+
+    time.sleep(wait_s)
+    closed = got_408 = 0
+    for s in socks:
+        data = b""
+        try:
+            while select.select([s], [], [], 0)[0]:
+                chunk = s.recv(65536)
+                if not chunk:
+                    closed += 1
+                    break
+                data += chunk
+        except OSError:
+            closed += 1
+        got_408 += data.startswith(b"HTTP/1.1 408")
+    return {"held": len(socks), "closed": closed, "got_408": got_408}
+
+
+def raw_exchange(port: int, raw: bytes, timeout: float = 10.0) -> tuple[int, bytes]:
+    """Send raw bytes on a fresh connection, read until the server closes or a full answer is in."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(raw)
+        data = b""
+        while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]), data.partition(b"\r\n\r\n")[2]
+
+
+def _content_length(data: bytes) -> int:
+    for line in data.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            return int(value)
+    return 0
+
+
+def chunked_body(port: int, total_bytes: int, chunk: int = 64 * 1024) -> tuple[int, bytes]:
+    """POST a body with no Content-Length (chunked transfer encoding), ``total_bytes`` long."""
+    head = (f"POST /predict HTTP/1.1\r\nhost: {HOST}:{port}\r\ncontent-type: application/json\r\n"
+            "transfer-encoding: chunked\r\nconnection: close\r\n\r\n").encode()
+    parts, left = [head], total_bytes
+    while left > 0:
+        n = min(chunk, left)
+        parts.append(f"{n:x}\r\n".encode() + b"1" * n + b"\r\n")
+        left -= n
+    parts.append(b"0\r\n\r\n")
+    try:
+        return raw_exchange(port, b"".join(parts))
+    except (BrokenPipeError, ConnectionResetError):  # the server answered and closed before the end
+        return 413, b""
+
+
+def hang_ups(port: int, n: int) -> None:
+    """``n`` clients that send half a request body and hang up."""
+    head = (f"POST /predict HTTP/1.1\r\nhost: {HOST}:{port}\r\ncontent-type: application/json\r\n"
+            "content-length: 400\r\n\r\n{\"instances\": [[0, 1, 2").encode()
+    for _ in range(n):
+        with socket.create_connection((HOST, port), timeout=5) as s:
+            s.sendall(head)
+            time.sleep(0.02)
+
+
+def keepalive_across_sigterm(server: "ServerProcess", body: bytes, connections: int = 8,
+                             interval_s: float = 0.01) -> dict:
+    """Clients that behave like a load balancer's upstream pool: ``connections`` keep-alive connections
+    send requests back to back; ``SIGTERM`` arrives; each client keeps sending until /ready says 503 or
+    its connection is closed after an answer, then stops. Every request sent must get an answer."""
+    import threading
+
+    head = (f"POST /predict HTTP/1.1\r\nhost: {HOST}:{server.port}\r\ncontent-type: application/octet-stream\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    stop, outcomes, lock = threading.Event(), collections_counter(), threading.Lock()
+
+    def client():
+        conn = None
+        while not stop.is_set():
+            try:
+                if conn is None:
+                    conn = socket.create_connection((HOST, server.port), timeout=5)
+                conn.sendall(head + body)
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        raise ConnectionResetError("closed without an answer")
+                    data += chunk
+                status = int(data.split(b" ", 2)[1])
+                with lock:
+                    outcomes[status] += 1
+                if b"connection: close" in data.partition(b"\r\n\r\n")[0].lower():
+                    conn.close()
+                    conn = None
+            except ConnectionRefusedError:
+                break  # the listener is gone: a real client would try another replica
+            except OSError:
+                with lock:
+                    outcomes["no answer"] += 1
+                if conn is not None:
+                    conn.close()
+                conn = None
+            time.sleep(interval_s)
+        if conn is not None:
+            conn.close()
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(connections)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    before = sum(outcomes.values())
+    sigterm_at = time.monotonic()
+    server.proc.send_signal(signal.SIGTERM)
+    import httpx
+
+    ready_failed_after = None
+    while ready_failed_after is None and time.monotonic() - sigterm_at < 5:
+        try:
+            if httpx.get(f"{server.url}/ready", timeout=1).status_code == 503:
+                ready_failed_after = time.monotonic() - sigterm_at
+        except httpx.TransportError:
+            break
+    stop.set()  # the load balancer has seen readiness fail: no new requests
+    for t in threads:
+        t.join(10)
+    exit_code = server.proc.wait(15)
+    _RUNNING.discard(server)
+    return {"answered_before_sigterm": before, "outcomes": dict(outcomes), "exit_code": exit_code,
+            "ready_failed_after_s": ready_failed_after, "sigterm_to_exit_s": time.monotonic() - sigterm_at}
+
+
+def collections_counter():
+    import collections
+
+    return collections.Counter()
+
+
+def flood(port: int, body: bytes, seconds: float, content_type: str = "application/json") -> dict:
+    """One client sending ``body`` back to back on one keep-alive connection for ``seconds``, in a
+    thread; returns a handle whose ``result()`` is the count of answers by status."""
+    import collections
+    import threading
+
+    head = (f"POST /predict HTTP/1.1\r\nhost: {HOST}:{port}\r\ncontent-type: {content_type}\r\n"
+            f"content-length: {len(body)}\r\n\r\n").encode()
+    counts = collections.Counter()
+
+    def run():
+        end = time.monotonic() + seconds
+        conn = socket.create_connection((HOST, port), timeout=10)
+        try:
+            while time.monotonic() < end:
+                conn.sendall(head + body)
+                data = b""
+                while b"\r\n\r\n" not in data or len(data.partition(b"\r\n\r\n")[2]) < _content_length(data):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        raise ConnectionResetError
+                    data += chunk
+                counts[int(data.split(b" ", 2)[1])] += 1
+        except OSError:
+            counts["no answer"] += 1
+        finally:
+            conn.close()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    class Handle:
+        def result(self, timeout: float = 30.0) -> dict:
+            thread.join(timeout)
+            return dict(counts)
+
+    return Handle()
