@@ -9,6 +9,7 @@ process of their own; the chapter itself is executed by the book build.
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import numpy as np
@@ -147,6 +148,42 @@ def test_loading_a_truncated_file_raises_a_clear_error(tiny, tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(tr.CheckpointError, match="not a readable safetensors file"):
         tr.load_checkpoint(tmp_path / "cut.safetensors", tr.DigitsCNN())
+
+
+def test_a_flipped_bit_in_a_weight_is_refused_by_the_digest(tiny, tmp_path):
+    model, optimizer = trained(tiny, steps=1)
+    tr.save_checkpoint(tmp_path / "ckpt.safetensors", model, optimizer, {"epoch": 1})
+    data = bytearray((tmp_path / "ckpt.safetensors").read_bytes())
+    data[-3] ^= 0x01  # one mantissa bit of the last tensor in the file
+    (tmp_path / "flipped.safetensors").write_bytes(bytes(data))
+    assert not tensors_equal(load_file(tmp_path / "flipped.safetensors"), load_file(tmp_path / "ckpt.safetensors"))
+    with pytest.raises(tr.CheckpointError, match=r"flipped\.safetensors is corrupt: SHA-256 digest mismatch"):
+        tr.load_checkpoint(tmp_path / "flipped.safetensors", tr.DigitsCNN(), optimizer)
+
+
+def test_edited_metadata_is_refused_by_the_digest(tiny, tmp_path):
+    model, _ = trained(tiny, steps=1)
+    tr.save_checkpoint(tmp_path / "ckpt.safetensors", model, state={"epoch": 1})
+    data = (tmp_path / "ckpt.safetensors").read_bytes()
+    assert data.count(b'\\"epoch\\": 1') == 1  # the progress, as JSON inside the header's JSON
+    (tmp_path / "edited.safetensors").write_bytes(data.replace(b'\\"epoch\\": 1', b'\\"epoch\\": 7'))
+    with pytest.raises(tr.CheckpointError, match="digest mismatch"):
+        tr.load_checkpoint(tmp_path / "edited.safetensors", tr.DigitsCNN())
+
+
+def test_a_checkpoint_without_a_digest_is_refused(tiny, tmp_path):
+    model, _ = trained(tiny, steps=1)
+    tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+    meta = {"format": tr.CHECKPOINT_FORMAT, "state": {}}
+    save_file(tensors, str(tmp_path / "bare.safetensors"), metadata={tr.METADATA_KEY: json.dumps(meta)})
+    with pytest.raises(tr.CheckpointError, match="carries no SHA-256 digest"):
+        tr.load_checkpoint(tmp_path / "bare.safetensors", tr.DigitsCNN())
+
+
+def test_a_zero_length_checkpoint_says_it_is_empty(tmp_path):
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(tr.CheckpointError, match=r"empty\.safetensors is empty \(0 bytes\)"):
+        tr.load_checkpoint(tmp_path / "empty.safetensors", tr.DigitsCNN())
 
 
 def test_loading_a_foreign_safetensors_file_is_refused(tmp_path):

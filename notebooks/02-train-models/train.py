@@ -16,6 +16,7 @@ number, so an epoch can be replayed from a checkpoint without saving generator s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-CHECKPOINT_FORMAT = "gradient-rage/train-models/v1"
+CHECKPOINT_FORMAT = "gradient-rage/train-models/v2"  # v2: with a SHA-256 digest
 METADATA_KEY = "gradient-rage"
 
 
@@ -260,19 +261,36 @@ def save_checkpoint(path, model, optimizer=None, state: dict | None = None) -> N
                     raise TypeError(f"optimizer state {name!r} is not a tensor")
                 tensors[f"optim/{pid}/{name}"] = value.detach().cpu().contiguous()
         meta["param_groups"] = opt["param_groups"]
+    meta["sha256"] = content_digest(tensors, meta)  # safetensors itself checks nothing
     metadata = {METADATA_KEY: json.dumps(meta, sort_keys=True)}
     atomic_write_bytes(Path(path), safetensors_bytes(tensors, metadata=metadata))
+
+
+def content_digest(tensors: dict, meta: dict) -> str:
+    """SHA-256 over the metadata (as sorted JSON) and every tensor's name, dtype, shape, bytes.
+
+    safetensors stores no checksum: one flipped bit in the data loads as a different weight.
+    This digest, stored in the metadata and recomputed on load, turns that into an error.
+    """
+    h = hashlib.sha256(json.dumps(meta, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"\n{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 def load_checkpoint(path, model, optimizer=None) -> dict:
     """Load weights (and optimizer state when given) from ``path``; return the progress.
 
-    Raises CheckpointError with the reason when the file is missing, truncated or corrupt,
-    in another format, or holds weights whose names or shapes do not match ``model``.
+    Raises CheckpointError with the reason when the file is missing, truncated or corrupt
+    (its SHA-256 digest does not match its contents), in another format, or holds weights whose names or shapes do not match ``model``.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): its write never got its data")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {}).get(METADATA_KEY, "{}"))
@@ -283,6 +301,13 @@ def load_checkpoint(path, model, optimizer=None) -> dict:
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} has format {meta.get('format')!r}, "
                               f"expected {CHECKPOINT_FORMAT!r}")
+    stored = meta.pop("sha256", None)
+    if stored is None:
+        raise CheckpointError(f"{path} carries no SHA-256 digest; refusing to trust it")
+    if (actual := content_digest(tensors, meta)) != stored:
+        raise CheckpointError(f"{path} is corrupt: SHA-256 digest mismatch (stored "
+                              f"{stored[:12]}..., contents {actual[:12]}...); the file "
+                              "changed after it was written")
     weights = {k.removeprefix("model/"): v for k, v in tensors.items()
                if k.startswith("model/")}
     _check_matches(path, weights, model.state_dict())
