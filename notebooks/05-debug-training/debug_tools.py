@@ -278,3 +278,122 @@ def script_diff(context: int = 1) -> str:
 
 def finite(values) -> bool:
     return all(math.isfinite(v) for v in values)
+
+
+def activation_stats(model: nn.Module, X: torch.Tensor) -> pd.DataFrame:
+    """Forward hooks on every ReLU, one forward pass in eval mode: per layer, the mean activation,
+    the share of outputs that are exactly zero, and the share of units that are zero for every
+    example (dead units: no gradient reaches their weights). The model's mode is restored."""
+    records, handles, was_training = {}, [], model.training
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ReLU):
+            def hook(_module, _inputs, out, name=name):
+                a = out.detach()
+                records[f"relu {name}"] = {"mean": a.mean().item(), "zero share": (a == 0).float().mean().item(),
+                                           "dead units": (a == 0).all(dim=0).float().mean().item()}
+            handles.append(module.register_forward_hook(hook))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(X.to(_device_of(model)))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return pd.DataFrame.from_dict(records, orient="index")
+
+
+def update_ratios(model: nn.Module, loss_fn, loader, lr: float, steps: int) -> pd.DataFrame:
+    """The plain Adam loop of ``train_losses``, recording for every linear layer and step the
+    size of the update relative to the weights, ||W_after - W_before|| / ||W_before||, with the
+    loss. A common rule of thumb puts a healthy ratio near 1e-3; 1e-1 means each step rewrites
+    a tenth of the layer."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    device = _device_of(model)
+    layers = {f"layer {i}": m for i, m in enumerate((m for m in model.modules() if isinstance(m, nn.Linear)), 1)}
+    batches = itertools.chain.from_iterable(loader for _ in itertools.count())
+    rows = []
+    for step, (xb, yb) in enumerate(itertools.islice(batches, steps)):
+        before = {name: m.weight.detach().clone() for name, m in layers.items()}
+        optimizer.zero_grad()
+        loss = loss_fn(model(xb.to(device)), yb.to(device))
+        loss.backward()
+        optimizer.step()
+        ratios = {name: ((m.weight.detach() - before[name]).norm() / before[name].norm()).item()
+                  for name, m in layers.items()}
+        rows.append({"step": step, "loss": loss.item(), **ratios})
+    return pd.DataFrame(rows)
+
+
+def confident_errors(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Confident learning's simplest rule (Northcutt, Jiang and Chuang, 2021), written out: with
+    out-of-sample predicted probabilities, class j's threshold is the mean probability of j over
+    the examples labelled j. An example is flagged when some other class reaches its own threshold
+    and the given label's probability is below the given class's threshold; among the classes
+    that reach their thresholds, the most probable one must not be the given label."""
+    n_classes = probs.shape[1]
+    thresholds = np.array([probs[labels == j, j].mean() for j in range(n_classes)])
+    above = probs >= thresholds  # classes each example is confidently "in"
+    masked = np.where(above, probs, -np.inf)
+    confident = masked.argmax(axis=1)
+    has_confident = above.any(axis=1)
+    return has_confident & (confident != labels) & (probs[np.arange(len(labels)), labels] < thresholds[labels])
+
+
+def loss_curves(model: nn.Module, loader, lr: float, steps: int, val: tuple | None = None,
+                every: int = 10) -> pd.DataFrame:
+    """The plain Adam loop of ``train_losses``; every ``every`` steps, the mean training loss of
+    those steps and, if ``val = (X, y)`` tensors are given, the validation loss in eval mode."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    device, rows, window = _device_of(model), [], []
+    batches = itertools.chain.from_iterable(loader for _ in itertools.count())
+    for step, (xb, yb) in enumerate(itertools.islice(batches, steps), 1):
+        model.train()
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(model(xb.to(device)), yb.to(device))
+        loss.backward()
+        optimizer.step()
+        window.append(loss.item())
+        if step % every == 0:
+            row = {"step": step, "train": float(np.mean(window))}
+            if val is not None:
+                model.eval()
+                with torch.no_grad():
+                    row["val"] = nn.functional.cross_entropy(model(val[0].to(device)), val[1].to(device)).item()
+            rows.append(row)
+            window = []
+    return pd.DataFrame(rows)
+
+
+def loss_curve_catalogue(module: types.ModuleType, Z_train: np.ndarray, y_train: np.ndarray,
+                         Z_val: np.ndarray, y_val: np.ndarray, seed: int, device="cpu",
+                         steps: int = 300) -> dict[str, pd.DataFrame]:
+    """Six short real runs of ``module``'s model, each with one classic problem planted: a healthy
+    baseline (Adam, lr 1e-3), a learning rate too high (1e-1) and too low (1e-6), batches sorted by
+    label instead of shuffled, 64 training examples without dropout (overfitting), and 40% of the
+    labels replaced at random. Returns each run's loss curves (see ``loss_curves``)."""
+    val = (torch.as_tensor(Z_val, dtype=torch.float32), torch.as_tensor(y_val))
+
+    def net(dropout=0.3):
+        torch.manual_seed(seed)
+        return module.make_model(Z_train.shape[1], 10, 128, dropout).to(device)
+
+    def loader(Z, y):
+        return module.make_loader(Z, y, 64, seed)
+
+    rng = np.random.default_rng(seed)
+    order = np.argsort(y_train, kind="stable")
+    by_label = list(zip(torch.as_tensor(Z_train[order], dtype=torch.float32).split(64),
+                        torch.as_tensor(y_train[order]).split(64)))
+    few = rng.choice(len(y_train), 64, replace=False)
+    noisy = y_train.copy()
+    replaced = rng.random(len(noisy)) < 0.4
+    noisy[replaced] = rng.integers(0, 10, int(replaced.sum()))
+    return {
+        "healthy": loss_curves(net(), loader(Z_train, y_train), 1e-3, steps, val),
+        "learning rate too high": loss_curves(net(), loader(Z_train, y_train), 1e-1, steps, val),
+        "learning rate too low": loss_curves(net(), loader(Z_train, y_train), 1e-6, steps, val),
+        "batches sorted by label": loss_curves(net(), by_label, 1e-3, steps, every=1),
+        "64 examples, no dropout": loss_curves(net(0.0), loader(Z_train[few], y_train[few]), 1e-3, steps, val),
+        "40% labels random": loss_curves(net(), loader(Z_train, noisy), 1e-3, steps, val),
+    }
