@@ -100,7 +100,7 @@ def box(info: dict, data: dict) -> nodes.container:
     versions = ", ".join(f"{name} {v}" for name, v in info["versions"].items())
     container = nodes.container(classes=[CSS_CLASS])
     container += nodes.rubric(text="Last verified")
-    container += paragraph("Executed", f"{executed}{runtime}; site built {info['built']}")
+    container += paragraph("Executed", f"{executed}{runtime}; build started {info['built']}")
     container += paragraph("Versions", versions)
     container += paragraph("Machine", f"{info['cpu']}, {info['cores']} cores usable, PyTorch CPU kernels "
                                       f"{info['capability']}, {info['threads']} torch threads, GPU: {info['gpu']}")
