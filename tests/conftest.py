@@ -11,6 +11,7 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -34,6 +35,13 @@ def pytest_collection_modifyitems(config, items):
         return 2 if item.get_closest_marker("matrix") else 1 if item.get_closest_marker("book") else 0
 
     items.sort(key=lane)
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def toc_files() -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -28,7 +27,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from bs4 import BeautifulSoup
-from conftest import ROOT, notebook_docs, toc_files
+from conftest import ROOT, free_port, notebook_docs, toc_files
 
 pytestmark = pytest.mark.book
 
@@ -87,12 +86,6 @@ def require_chromium() -> str:
     if executable is None:
         pytest.fail(MISSING_CHROMIUM, pytrace=False)
     return executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

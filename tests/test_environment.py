@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from _shared.env_check import installed_version, normalize, parse_pins, same_release
-from conftest import ROOT, repo_files
+from conftest import ROOT, free_port, repo_files
 from packaging.version import Version
 
 REQUIREMENTS = ROOT / "requirements.txt"
@@ -132,11 +131,6 @@ def test_binder_postbuild_installs_the_overrides_where_jupyterlab_reads_them(tmp
     assert written.is_file(), f"postBuild did not write {written}"
     assert json.loads(written.read_text()) == json.loads((ROOT / "binder" / "overrides.json").read_text())
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow
