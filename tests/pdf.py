@@ -16,8 +16,8 @@ folder)::
 
 It fails if the single-page build would execute a notebook (the HTML build must have run first),
 if Chromium is missing, or if the single-page build warns. Chromium: ``$CHROMIUM`` if set, else
-Debian's ``/usr/bin/chromium``, else the browser Playwright installed itself. The welcome page links
-the PDF; ``tests/test_pdf.py`` checks it holds every chapter, its figures and no raw markup.
+``chromium`` (or ``chromium-browser``) on PATH, else the browser Playwright installed itself. The
+welcome page links the PDF; ``tests/test_pdf.py`` checks it holds every chapter, its figures and no raw markup.
 """
 
 from __future__ import annotations
@@ -70,13 +70,19 @@ PRINT_CSS = """@media print {
 }"""
 
 
+CHROMIUM_NAMES = ("chromium", "chromium-browser")  # Debian's name, then Ubuntu's
+
+
 def chromium() -> str | None:
-    """The Chromium to print with; None: the one Playwright installed (``playwright install``)."""
+    """The system Chromium (``$CHROMIUM`` if set, else the first of ``CHROMIUM_NAMES`` on PATH), or
+    None: then Playwright launches the browser it installed itself (``playwright install``), if any.
+    The browser test and the PDF both use this one lookup."""
     if os.environ.get("CHROMIUM"):
         return os.environ["CHROMIUM"]
-    for candidate in ("/usr/bin/chromium", shutil.which("chromium")):
-        if candidate and Path(candidate).exists():
-            return candidate
+    for name in CHROMIUM_NAMES:
+        found = shutil.which(name)
+        if found:
+            return found
     return None
 
 

@@ -28,12 +28,12 @@ from urllib.parse import urlsplit
 import pytest
 from bs4 import BeautifulSoup
 from conftest import ROOT, free_port, notebook_docs, toc_files
+from pdf import chromium  # one lookup for the browser test and the PDF
 
 pytestmark = pytest.mark.book
 
 HOST = "127.0.0.1"
 WIDTHS = {"desktop": {"width": 1280, "height": 900}, "phone": {"width": 390, "height": 844}}
-CHROMIUM_NAMES = ("chromium", "chromium-browser")
 MISSING_CHROMIUM = (
     "Chromium is not installed, and the browser test needs it: Playwright drives the system's "
     "Chromium because browsers cannot be downloaded here. On Debian or Ubuntu, as root: "
@@ -70,14 +70,6 @@ PAGE_STATE_JS = """() => ({
   overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
   icon: document.querySelector('link[rel~="icon"]')?.href || null,
 })"""
-
-
-def chromium() -> str | None:
-    for name in CHROMIUM_NAMES:
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
 
 
 def require_chromium() -> str:
@@ -306,6 +298,7 @@ def test_colour_mode_button_turns_the_page_dark_and_back(browser, site):
 
 
 def test_missing_chromium_fails_with_the_install_command(monkeypatch):
+    monkeypatch.delenv("CHROMIUM", raising=False)
     monkeypatch.setattr(shutil, "which", lambda name, *args, **kwargs: None)
     with pytest.raises(pytest.fail.Exception, match=r"apt-get install -y chromium"):
         require_chromium()
