@@ -171,3 +171,21 @@ def test_every_chapter_takes_its_seed_from_the_shared_module():
         if literal or (uses_seed and not imports):
             offenders.append(f"{doc}: {'assigns SEED itself' if literal else 'does not import _shared.seed'}")
     assert offenders == [], "\n".join(offenders)
+
+
+def test_diagram_draws_every_box_and_arrow_and_names_a_missing_box():
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
+    from _shared.diagram import draw
+
+    boxes = {"a": (0, 0, "data"), "b": (3, 0, "model\ntrained"), "c": (3, -1.5, "store")}
+    fig = draw(boxes, [("a", "b", "trains"), ("b", "c", "")])
+    ax = fig.axes[0]
+    texts = [t.get_text() for t in ax.texts]
+    assert {"data", "model\ntrained", "store", "trains"} <= set(texts), texts
+    assert sum(isinstance(p, FancyBboxPatch) for p in ax.patches) == 3
+    arrows = [p for p in ax.patches if isinstance(p, FancyArrowPatch)]
+    assert len(arrows) == 2
+    plt.close(fig)
+    with pytest.raises(KeyError, match="no box named 'z'"):
+        draw(boxes, [("a", "z", "typo")])
