@@ -3,7 +3,10 @@
 Protected here: the hand-derived softmax gradient (finite differences), the checkpoint round trip
 (weights and optimizer state, bit for bit), the loader's refusals (missing, truncated, foreign,
 mismatched files), atomic writes (a failed save keeps the old file), resume equivalence on a tiny
-problem, seeded reproducibility, early stopping and the learning-rate range test's stopping rule. The companion files are libraries with no
+problem, seeded reproducibility, early stopping, the learning curves' training loss (on a validation-sized
+head of the training set), the retrain without a validation set (the same epochs as the
+validated run), the learning-rate range test's stopping rule, and the calibration measures (ECE on
+cases with known answers, temperature scaling that recovers a known temperature). The companion files are libraries with no
 process of their own; the chapter itself is executed by the book build.
 """
 
@@ -21,6 +24,7 @@ from safetensors.torch import load_file, save_file
 CHAPTER = NOTEBOOKS / "02-train-models"
 snp = load_module(CHAPTER / "softmax_numpy.py")
 tr = load_module(CHAPTER / "train.py")
+cal = load_module(CHAPTER / "calibrate.py")
 
 
 @pytest.fixture(autouse=True)
@@ -328,3 +332,62 @@ def test_random_shift_moves_each_image_by_at_most_one_pixel():
         assert matches, f"image {i} is not a shifted copy"
         offsets.add(matches[0])
     assert len(offsets) == 9, "all nine shifts should occur in 200 draws"
+
+
+def test_refit_replays_the_validated_runs_epochs_without_a_validation_set(tiny, tmp_path):
+    """The retrain must be the run that was validated, minus the validation: same seeded epochs."""
+    train_set, val_set = tiny
+    cfg = small_config(epochs=3)
+    tr.fit(cfg, train_set, val_set, checkpoint_dir=tmp_path)
+    last = {k.removeprefix("model/"): v for k, v in load_file(tmp_path / "last.safetensors").items()
+            if k.startswith("model/")}
+    refitted = tr.refit(cfg, train_set)
+    assert tensors_equal(refitted.state_dict(), last)
+    assert not tensors_equal(tr.refit(replace(cfg, epochs=2), train_set).state_dict(), last)
+
+
+# --- calibration -----------------------------------------------------------------------------------
+
+def test_ece_is_zero_when_confidence_matches_accuracy_and_the_gap_otherwise():
+    probs = np.full((8, 2), 0.25)
+    probs[:, 0] = 0.75                       # every prediction: class 0 with confidence 0.75
+    labels = np.array([0, 0, 0, 1] * 2)      # right three times in four
+    ece, table = cal.expected_calibration_error(probs, labels)
+    assert ece == pytest.approx(0.0) and table["count"].tolist() == [8]
+    ece, table = cal.expected_calibration_error(probs, np.array([0, 1] * 4))  # right half the time
+    assert ece == pytest.approx(0.25) and table["accuracy"].tolist() == [0.5]
+
+
+def test_ece_puts_full_confidence_in_the_last_bin_and_weights_bins_by_count():
+    probs = np.array([[1.0, 0.0], [1.0, 0.0], [0.55, 0.45], [0.55, 0.45]])
+    labels = np.array([0, 1, 0, 0])          # top bin: confidence 1, accuracy 0.5; bin 5: 0.55 vs 1
+    ece, table = cal.expected_calibration_error(probs, labels)
+    assert table["lower"].tolist() == [0.5, 0.9]
+    assert ece == pytest.approx(0.5 * 0.45 + 0.5 * 0.5)
+    with pytest.raises(ValueError, match="need an"):
+        cal.expected_calibration_error(probs, labels[:3])
+
+
+def test_temperature_scaling_recovers_a_known_temperature_and_never_hurts():
+    g = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(4000, 10, generator=g)
+    labels = torch.multinomial(torch.softmax(logits / 2.0, dim=1), 1, generator=g).squeeze(1)
+    temperature, nll = cal.fit_temperature(logits, labels)  # the network is overconfident by 2x
+    assert 1.7 < temperature < 2.3
+    assert nll <= torch.nn.functional.cross_entropy(logits, labels).item()
+    calibrated = logits / 2.0
+    assert cal.fit_temperature(calibrated, labels)[0] == pytest.approx(1.0, abs=0.15)
+
+
+def test_the_learning_curves_training_loss_is_measured_on_a_validation_sized_head(tiny, tmp_path):
+    """The chapter says the training loss is measured on as many training images as the validation
+    set holds, the first ones; the weights after the epoch must reproduce it exactly."""
+    train_set, val_set = tiny
+    cfg = small_config(epochs=1)
+    tr.fit(cfg, train_set, val_set, checkpoint_dir=tmp_path)
+    model = tr.DigitsCNN(cfg.dropout)
+    recorded = tr.load_checkpoint(tmp_path / "last.safetensors", model)["history"]["train_loss"][0]
+    head = train_set.head(len(val_set))
+    assert len(head) == len(val_set) and torch.equal(head.images, train_set.images[:len(val_set)])
+    assert recorded == tr.evaluate(model, head, "cpu")[0]
+    assert recorded != tr.evaluate(model, train_set, "cpu")[0]
