@@ -22,6 +22,8 @@ from conftest import NOTEBOOKS, load_module
 CHAPTER = NOTEBOOKS / "04-test-ml-code"
 bugs = load_module(CHAPTER / "testml_bugs.py")
 reference = load_module(CHAPTER / "testml_reference.py")
+mutation = load_module(CHAPTER / "testml_mutation.py")
+coverage_script = load_module(CHAPTER / "testml_coverage.py")
 
 
 @pytest.mark.parametrize("bug", bugs.BUGS, ids=lambda bug: bug.name)
@@ -120,6 +122,62 @@ def test_the_stored_test_catches_the_planted_regression_for_every_seed_set():
     assert power["of"] == len(stored_reference()["settings"]["book_seeds"]) >= 20
     assert power["caught_bug"] == power["passed_clean"] == power["of"], power
     assert power["smallest_bug_margin_g"] > 0 and power["smallest_clean_margin_g"] > 0
+
+
+def test_power_by_k_counts_groups_that_pass_and_groups_that_catch():
+    runs = [{"clean_mae_g": [0.0, 0.0, 0.0, 3.0], "bug_mae_g": [5.0, 5.0, 0.0, 0.0]}]
+    rows = reference.power_by_k(runs, mean=0.0, sd=1.0, n_reference=10**12, z=2.0, ks=[1, 2, 4])
+    got = {row["k"]: (row["groups"], row["false_alarms"], row["caught_bug"]) for row in rows}
+    assert got == {1: (4, 1, 2), 2: (2, 1, 1), 4: (1, 0, 1)}  # tolerances 2, 1.41 and 1 (the reference exact)
+
+
+def test_stored_power_by_k_follows_from_the_stored_maes():
+    stored = stored_reference()
+    ref = stored["reference"]
+    again = reference.power_by_k(stored["power"]["runs"], ref["mean_g"], ref["sd_g"], len(ref["mae_g"]),
+                                 stored["z"], stored["settings"]["power_ks"])
+    assert again == stored["power_by_k"]
+
+
+def test_stored_mutation_outcome_is_of_the_current_files():
+    stored = json.loads(mutation.STORED.read_text())
+    assert stored["made_by"] == "testml_mutation.py"
+    assert {"command", "mutmut", "torch", "python", "cpu_capability", "date"} <= set(stored["made"])
+    stale = [name for name, digest in stored["settings"]["sha256"].items() if mutation.source_hashes()[name] != digest]
+    assert not stale, f"{stale} changed since testml_mutation.py ran: rerun it"
+    assert sum(stored["counts"].values()) == len(stored["mutants"]) > 20
+    assert all(m["removed"] and m["added"] and m["status"] in stored["counts"] for m in stored["mutants"])
+
+
+def test_stored_coverage_is_of_the_current_files():
+    stored = json.loads(coverage_script.STORED.read_text())
+    assert stored["made_by"] == "testml_coverage.py" and {"command", "coverage", "python", "date"} <= set(stored["made"])
+    stale = [name for name, digest in stored["settings"]["sha256"].items()
+             if coverage_script.source_hashes()[name] != digest]
+    assert not stale, f"{stale} changed since testml_coverage.py ran: rerun it"
+    assert sorted(stored["files"]) == sorted(coverage_script.PIPELINE) and 0 < stored["total_percent"] <= 100
+
+
+def test_a_stored_mutant_applies_inside_its_function_only():
+    source = (CHAPTER / "testml_features.py").read_text()
+    mutant = {"name": "testml_features.xǁPreprocessorǁscale__mutmut_1", "function": "Preprocessor.scale",
+              "removed": ["values = self.measurements(frame)"], "added": ["values = None"]}
+    mutated = mutation.apply(mutant, source)  # the same line is in fit too: only scale's may change
+    assert mutated.count("values = self.measurements(frame)") == 1 and mutated.count("values = None") == 1
+    assert mutation.line_of(mutant, source) > mutation.line_of({**mutant, "function": "Preprocessor.fit"}, source)
+    with pytest.raises(ValueError, match="exactly once"):
+        mutation.apply({**mutant, "removed": ["no such line"]}, source)
+
+
+def test_mutation_check_names_a_changed_file(tmp_path, monkeypatch, capsys):
+    for name in mutation.source_hashes():
+        shutil.copy(CHAPTER / name, tmp_path / name)
+    (tmp_path / "testml_metrics.py").write_text((tmp_path / "testml_metrics.py").read_text() + "\n# edited\n")
+    monkeypatch.setattr(mutation, "HERE", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["testml_mutation.py", "--check"])
+    with pytest.raises(SystemExit) as exit_info:
+        mutation.main()
+    assert exit_info.value.code == 1 and json.loads(capsys.readouterr().out)["stale"] == ["testml_metrics.py"]
 
 
 def test_check_fails_when_a_setting_changed(monkeypatch, capsys):

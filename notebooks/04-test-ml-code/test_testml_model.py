@@ -77,6 +77,15 @@ def test_typical_penguins_are_predicted_near_their_group(model, tables):
     assert (error.abs() < tolerance).all(), f"tolerance {tolerance:.0f} g:\n{typical.assign(error=error)}"
 
 
+def test_every_species_is_predicted_better_than_its_own_mean(model, tables):
+    train, test = tables  # an average over all penguins can hide a species the model does not serve
+    for species, rows in test.groupby("species"):
+        species_mean = train.loc[train["species"] == species, TARGET].mean()
+        lookup = mean_absolute_error(rows[TARGET], np.full(len(rows), species_mean))
+        slice_mae = mean_absolute_error(rows[TARGET], model.predict(rows))
+        assert slice_mae < 0.9 * lookup, f"{species}: MAE {slice_mae:.0f} g, its training mean's {lookup:.0f} g"
+
+
 # Training smoke tests: cheap signs that the training loop can learn at all.
 
 

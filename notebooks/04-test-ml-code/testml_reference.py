@@ -9,8 +9,9 @@ or when the stored MAEs no longer reproduce, so a changed pipeline cannot keep a
 
 For every book seed s in ``BOOK_SEEDS`` it also runs the regression test on the seed set
 ``seeds(len(TEST_SEEDS), seed=s)``, clean and with the planted ``short_training`` bug, and stores
-whether the test passed and whether it caught the bug, with the margins: the test's false-alarm
-rate and its power, measured rather than assumed.
+whether the test passed and whether it caught the bug, with the margins and every per-seed MAE: the
+test's false-alarm rate and its power, measured rather than assumed, and, by cutting those seed sets
+into groups of k, what a test that averaged only k seeds (three, say) would have caught.
 
 Launch from this folder (CPU only, one thread; about a minute):
 
@@ -35,6 +36,7 @@ REFERENCE_SEEDS = list(range(100))  # the reference: mean and spread of 100 seed
 TEST_SEEDS = list(range(20))  # the seeds the regression test averages
 Z = 4.5  # standard errors of the difference the test allows (a normal tail: 7 false alarms in a million)
 BOOK_SEEDS = list(range(30))  # book seeds whose seed sets measure the test's pass rate and power
+POWER_KS = [1, 2, 3, 5, 10, 20]  # seeds per test run: the stored seed sets, cut into groups of k
 
 
 def settings() -> dict:
@@ -51,7 +53,7 @@ def settings() -> dict:
     bug_epochs = int(re.search(r"epochs: int = (\d+)", BUG_BY_NAME["short_training"].buggy).group(1))
     return {"reference_seeds": REFERENCE_SEEDS, "test_seeds": TEST_SEEDS, "z": Z, "book_seeds": BOOK_SEEDS,
             "training_defaults": defaults(train_network), "split_defaults": defaults(split),
-            "bug_epochs": bug_epochs, "torch_threads": 1}
+            "bug_epochs": bug_epochs, "torch_threads": 1, "power_ks": POWER_KS}
 
 
 def measure() -> dict:
@@ -78,9 +80,10 @@ def measure() -> dict:
     runs = []
     for book_seed in BOOK_SEEDS:
         chosen = seeds(k, seed=book_seed)
-        clean = float(np.mean([mae(s) for s in chosen]))
-        bug = float(np.mean([mae(s, epochs=config["bug_epochs"]) for s in chosen]))
-        runs.append({"book_seed": book_seed, "clean_mean_g": clean, "bug_mean_g": bug})
+        clean = [mae(s) for s in chosen]
+        bug = [mae(s, epochs=config["bug_epochs"]) for s in chosen]
+        runs.append({"book_seed": book_seed, "seeds": chosen, "clean_mean_g": float(np.mean(clean)),
+                     "bug_mean_g": float(np.mean(bug)), "clean_mae_g": clean, "bug_mae_g": bug})
     clean_margin = [tolerance - abs(r["clean_mean_g"] - mean) for r in runs]  # > 0: the test passed
     bug_margin = [abs(r["bug_mean_g"] - mean) - tolerance for r in runs]  # > 0: the test caught the bug
     return {
@@ -94,7 +97,29 @@ def measure() -> dict:
                   "caught_bug": int(sum(m > 0 for m in bug_margin)), "of": len(runs),
                   "smallest_clean_margin_g": float(min(clean_margin)),
                   "smallest_bug_margin_g": float(min(bug_margin))},
+        "power_by_k": power_by_k(runs, mean, sd, len(maes), Z, POWER_KS),
     }
+
+
+def power_by_k(runs: list[dict], mean: float, sd: float, n_reference: int, z: float, ks: list[int]) -> list[dict]:
+    """The test with k seeds instead of all of them: cut each stored seed set into disjoint groups of k.
+
+    For each k, how many groups the test (its tolerance for k seeds) passed clean and how many caught
+    the planted bug. Pure arithmetic on stored MAEs, so the chapter recomputes it and compares.
+    """
+    sys.path.insert(0, str(HERE))
+    from testml_metrics import regression_tolerance
+
+    rows = []
+    for k in ks:
+        tolerance = regression_tolerance(sd, k, n_reference, z)
+        groups = [(run["clean_mae_g"][i:i + k], run["bug_mae_g"][i:i + k])
+                  for run in runs for i in range(0, len(run["clean_mae_g"]) - k + 1, k)]
+        alarms = sum(abs(sum(clean) / k - mean) > tolerance for clean, _ in groups)
+        caught = sum(sum(bug) / k - mean > tolerance for _, bug in groups)
+        rows.append({"k": k, "tolerance_g": tolerance, "groups": len(groups), "false_alarms": int(alarms),
+                     "caught_bug": int(caught)})
+    return rows
 
 
 def main() -> None:
