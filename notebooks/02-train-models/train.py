@@ -158,10 +158,7 @@ def fit(cfg: TrainConfig, train_set, val_set, device="cpu", checkpoint_dir=None,
     training loss of the learning curves is measured on as many training images as the
     validation set holds (the first ones; the split is shuffled), at less than half the cost.
     """
-    seed_everything(cfg.seed)
-    model = DigitsCNN(cfg.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    model, optimizer = seeded_start(cfg, device)
     state = {"config": asdict(cfg), "epoch": 0, "best_val_loss": None, "best_epoch": None,
              "bad_epochs": 0, "stopped_early": False,
              "history": {"train_loss": [], "val_loss": [], "val_acc": [], "batch_loss": []}}
@@ -185,6 +182,15 @@ def fit(cfg: TrainConfig, train_set, val_set, device="cpu", checkpoint_dir=None,
     return model, state
 
 
+def seeded_start(cfg: TrainConfig, device):
+    """Seed every generator, then build the network and its AdamW: the start of every run."""
+    seed_everything(cfg.seed)
+    model = DigitsCNN(cfg.dropout).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    return model, optimizer
+
+
 def seeded_epoch(cfg: TrainConfig, model, optimizer, train_set, epoch: int, device) -> float:
     """One epoch whose batch order, shifts and dropout masks come from the seed and the epoch."""
     g = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))  # batch order, shifts
@@ -199,10 +205,7 @@ def refit(cfg: TrainConfig, train_set, device="cpu"):
     The retrain on training plus validation data once every decision is made: the epoch
     count comes from the early-stopped runs, because nothing is left to stop on.
     """
-    seed_everything(cfg.seed)
-    model = DigitsCNN(cfg.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    model, optimizer = seeded_start(cfg, device)
     for epoch in range(cfg.epochs):
         seeded_epoch(cfg, model, optimizer, train_set, epoch, device)
     return model
