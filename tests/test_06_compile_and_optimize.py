@@ -12,6 +12,13 @@
   given, interleaves the variants, and restores the caller's thread count.
 - ``ensure_serving_model`` builds the hand-off pair into a fresh folder, its metadata describes the
   model file exactly, a complete pair is reused, and a damaged one is rebuilt byte for byte.
+- The encoder block (``encoder.py``): its pointer task is what it says; static (QDQ) int8 makes
+  a row's answer independent of its batch-mates where dynamic int8 does not; the profile helpers
+  group kernels and split a call's time without losing any of it.
+- The AOTInductor package runs in a fresh process (``run_aoti.py``) that never imports the model's
+  source, and answers like eager; bad paths get a clear error.
+- ``gpu_variants.measure_gpu`` times every variant at every batch size it is given, the same way
+  (its loop runs on a CPU, without CUDA graphs).
 
 No test here passes or fails on a timing.
 """
@@ -37,6 +44,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is dep
 CHAPTER = NOTEBOOKS / "06-compile-and-optimize"
 em = load_module(CHAPTER / "export_model.py")
 bench = load_module(CHAPTER / "bench.py")
+enc = load_module(CHAPTER / "encoder.py")
 
 EPS32 = float(np.finfo(np.float32).eps)
 FP32_ULPS = 1.0  # fp32 bound: this many eps times the sum of |terms| behind each logit (see below)
@@ -392,3 +400,171 @@ def test_bench_script_measures_the_machine(tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["threads"] == 1
     assert result["fp32_gflops"] > 0 and result["int8_gops"] > 0 and result["copy_gbs"] > 0
+
+
+# --- the encoder block, static quantization and the profile helpers ---------------------------------
+
+def test_encoder_task_labels_are_the_pointed_at_tokens():
+    tokens, labels = enc.make_data(500, seed=3)
+    again, _ = enc.make_data(500, seed=3)
+    np.testing.assert_array_equal(tokens, again)
+    assert tokens.shape == (500, enc.SEQ) and tokens.dtype == np.int64
+    pointer = tokens[:, 0]
+    assert pointer.min() >= 1 and pointer.max() < enc.VOCAB, "the pointer names a position after itself"
+    np.testing.assert_array_equal(labels, tokens[np.arange(500), pointer])
+    assert len(np.unique(pointer)) == enc.VOCAB - 1
+
+
+@pytest.fixture(scope="module")
+def small_encoder():
+    """A briefly trained encoder (not the chapter's: one epoch on 512 sequences) and its test tokens."""
+    tokens, labels = enc.make_data(512, seed=5)
+    model = enc.train_model(tokens, labels, epochs=1, seed=5)
+    return model, enc.make_data(128, seed=6)[0]
+
+
+def _eager(model):
+    def run(x):
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).numpy()
+    return run
+
+
+def test_flops_per_sample_counts_the_block():
+    model = enc.make_model()
+    d, ff, s = enc.D_MODEL, enc.D_FF, enc.SEQ
+    per_token = 2 * (d * 3 * d + d * d + d * ff + ff * d)
+    assert enc.flops_per_sample(model) == s * per_token + 2 * d * enc.N_CLASSES + 4 * s * s * d
+
+
+def test_batch_dependence_is_zero_for_rowwise_and_large_for_batch_coupled_functions(small_encoder):
+    model, tokens = small_encoder
+    eager = _eager(model)
+    assert enc.batch_dependence(eager, tokens) < 1e-4
+    coupled = lambda x: eager(x) * (1 + 0.01 * len(x))  # an answer that depends on the batch size
+    assert enc.batch_dependence(coupled, tokens) > 0.1
+
+
+@pytest.mark.slow
+def test_static_int8_is_batch_independent_and_dynamic_is_not(small_encoder, tmp_path):
+    model, tokens = small_encoder
+    fp32 = enc.export_onnx(model, tmp_path / "enc.onnx")
+    static = enc.quantize_static_int8(fp32, tmp_path / "static.onnx", calibration_tokens=tokens[:64])
+    dynamic = em.quantize_int8(fp32, tmp_path / "dynamic.onnx")
+    assert {"QuantizeLinear", "DequantizeLinear"} <= set(ops(static)) and "DynamicQuantizeLinear" not in ops(static)
+    assert "DynamicQuantizeLinear" in ops(dynamic)
+    assert not (tmp_path / "static_pre.onnx").exists(), "the pre-processed file is cleaned up"
+    eager = _eager(model)(tokens)
+
+    def runner(path):
+        session = em.make_session(path, threads=1)
+        return lambda x: session.run([enc.OUTPUT_NAME], {enc.INPUT_NAME: x})[0]
+
+    assert np.abs(runner(fp32)(tokens) - eager).max() < 1e-4
+    for path in (static, dynamic):  # int8: near eager (a tenth of the logits' span)
+        assert np.abs(runner(path)(tokens) - eager).max() < 0.1 * np.ptp(eager)
+    static_dep, dynamic_dep = enc.batch_dependence(runner(static), tokens), enc.batch_dependence(runner(dynamic), tokens)
+    assert static_dep < 1e-4, f"static int8: a row's answer moved by {static_dep:.2e} with its batch-mates"
+    assert dynamic_dep > 1e-3, f"dynamic int8 batch dependence only {dynamic_dep:.2e}"
+
+
+def test_torch_profile_returns_every_op_and_the_profiled_wall_time():
+    x = torch.randn(64, 64)
+    per_op, wall = enc.torch_profile(lambda: torch.nn.functional.gelu(x @ x), calls=5)
+    assert "aten::mm" in per_op and "aten::gelu" in per_op
+    assert 0 < sum(per_op.values()) <= wall * 1.05, (sum(per_op.values()), wall)
+
+
+def test_ops_per_call_counts_every_dispatcher_entry_per_call():
+    x = torch.randn(8, 8)
+    assert enc.ops_per_call(lambda: x * x + x, calls=4) == 2  # aten::mul, aten::add
+    # a composite op counts with the ops it calls: linear enters t and addmm as well
+    w, b = torch.randn(8, 8), torch.randn(8)
+    assert enc.ops_per_call(lambda: torch.nn.functional.linear(x, w, b), calls=3) >= 3
+
+
+def test_kernels_are_grouped_by_what_they_do():
+    assert enc.kind_of("graph_0_cpp_fused_add_native_layer_norm_0") == "fused Inductor kernels"
+    assert enc.kind_of("aten::addmm") == enc.kind_of("MatMulInteger") == "matrix products"
+    assert enc.kind_of("aten::_scaled_dot_product_flash_attention_for_cpu") == "attention kernel"
+    assert enc.kind_of("LayerNormalization") == enc.kind_of("aten::gelu") == "norm, softmax, GELU, adds"
+    assert enc.kind_of("DynamicQuantizeLinear") == "quantize / dequantize"
+    assert enc.kind_of("something new") == "other ops and framework"
+    grouped = enc.by_kind({"aten::addmm": 2.0, "aten::mm": 1.0, "aten::gelu": 0.5})
+    assert grouped == {"matrix products": 3.0, "norm, softmax, GELU, adds": 0.5}
+
+
+def test_attribution_splits_the_whole_call_into_measured_parts():
+    per_kind = {"matrix products": 0.004, "attention kernel": 0.001, "fused Inductor kernels": 0.002}
+    a = enc.attribute(per_kind, flops=1e9, seconds=0.010, profiled_seconds=0.012, peak_gflops=400,
+                      bound_gflops=200)
+    assert a["of bound"] == pytest.approx(1e9 / 0.010 / 1e9 / 200)  # from the unprofiled median
+    assert a["products ms"] == pytest.approx(5.0) and a["other kernels ms"] == pytest.approx(2.0)
+    # the profiled call is split whole: products + other kernels + the remainder outside any kernel
+    assert a["products ms"] + a["other kernels ms"] + a["outside kernels ms"] == pytest.approx(12.0)
+    assert a["products at peak ms"] == pytest.approx(2.5) and a["products % of peak"] == pytest.approx(50.0)
+    assert a["profiled / timed"] == pytest.approx(1.2)
+
+
+# --- AOTInductor: the package in a fresh process ------------------------------------------------------
+
+@pytest.mark.slow
+def test_aoti_package_runs_in_a_fresh_process_without_the_models_source(small_encoder, tmp_path, monkeypatch):
+    from torch.export import Dim
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    model, tokens = small_encoder
+    program = torch.export.export(model, (torch.from_numpy(tokens[:4]),),
+                                  dynamic_shapes=({0: Dim("batch", min=1, max=256)},))
+    pt2 = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "enc.pt2"))
+    onnx_path = enc.export_onnx(model, tmp_path / "enc.onnx")
+    np.save(tmp_path / "tokens.npy", tokens)
+    cmd = [sys.executable, str(CHAPTER / "run_aoti.py"), "--package", pt2, "--onnx", str(onnx_path),
+           "--tokens", str(tmp_path / "tokens.npy"), "--out", str(tmp_path / "logits.npy"), "--batch", "8",
+           "--threads", "1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["imported_encoder"] is False and result["batch"] == 8 and result["threads"] == 1
+    seconds = result["seconds"]
+    assert 0 < seconds["pt2 load"] <= seconds["pt2 first call"] and 0 < seconds["onnx load"] <= seconds["onnx first call"]
+    assert set(result["ms"]) == {"1", "8"} and all(set(v) == {"pt2", "onnx"} for v in result["ms"].values())
+    assert np.abs(np.load(tmp_path / "logits.npy") - _eager(model)(tokens)).max() < 1e-4
+
+
+def test_run_aoti_names_a_missing_file(tmp_path):
+    missing = tmp_path / "nothing.pt2"
+    done = subprocess.run([sys.executable, str(CHAPTER / "run_aoti.py"), "--package", str(missing),
+                           "--onnx", str(missing), "--tokens", str(missing), "--out", str(tmp_path / "o.npy")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and f"{missing} does not exist" in done.stderr
+
+
+# --- the GPU variants' timing loop, on a CPU -----------------------------------------------------------
+
+def test_gpu_variants_time_every_variant_at_every_batch_size_the_same_way(data, monkeypatch):
+    monkeypatch.syspath_prepend(str(CHAPTER))  # gpu_variants imports bench as a sibling
+    gpu = load_module(CHAPTER / "gpu_variants.py")
+    torch.manual_seed(0)
+    model = em.make_model().eval()
+    X = data[1]
+    x = torch.from_numpy(X[:4])
+    calls = gpu.variants(model, x, device="cpu", graphs=False)
+    assert set(calls) == {"fp32", "fp16"}
+    with torch.inference_mode():
+        assert calls["fp32"](x).dtype == torch.float32 and calls["fp16"](x).dtype == torch.float16
+    result = gpu.measure_gpu(model, X, batches=(1, 8), device="cpu")
+    assert result["batches"] == [1, 8] and set(result["ms"]) == {"1", "8"}
+    assert all(set(ms) == {"fp32", "fp16"} and min(ms.values()) > 0 for ms in result["ms"].values())
+    assert result["fp16_prediction_agreement"] >= 0.99 and result["fp16_max_abs_logit_diff"] < 0.1
+
+
+def test_gpu_variants_script_measures_on_a_gpu_and_says_so_without_one():
+    done = subprocess.run([sys.executable, str(CHAPTER / "gpu_variants.py")], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if torch.cuda.is_available():
+        assert set(result["ms"]) == {"1", "256"} and len(result["ms"]["1"]) == 3
+    else:
+        assert result == {"skipped": "no CUDA device"}
