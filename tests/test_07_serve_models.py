@@ -274,6 +274,45 @@ def test_bad_input_gets_a_4xx_that_says_what_is_wrong(client, model_path, meta, 
     assert after.status_code == 200 and after.json()["labels"] == expected_labels(model_path, meta, digits[:1])
 
 
+def outcome(parse, body):
+    try:
+        return parse(body).tolist()
+    except Exception as exc:  # RequestError: compare what the client would read
+        return (exc.status, exc.message, exc.details)
+
+
+def test_the_orjson_path_accepts_and_refuses_exactly_what_pydantic_does(app_module, digits):
+    request_model = app_module.make_request_model(64, 1024)
+    strict = lambda b: app_module.parse_json(b, request_model, 64, 1024)  # noqa: E731
+    fast = lambda b: app_module.parse_json_fast(b, request_model, 64, 1024)  # noqa: E731
+    row = digits[0].tolist()
+    bodies = [body for body, kind, *_ in bad_requests(row, 64).values() if kind == "application/json"]
+    bodies += [json.dumps({"instances": digits[:7].tolist()}), json.dumps({"instances": [[int(v) for v in row]]}),
+               json.dumps({"instances": [row, row[:5]]}), json.dumps({"instances": [row], "instances2": 1}),
+               json.dumps({"instances": [[None] * 64]}), json.dumps({"instances": [[1e39] * 64]}),
+               json.dumps({"instances": [[2 ** 70] * 64]}), json.dumps({"instances": [[[1]] * 64]})]
+    for body in bodies:
+        body = body.encode() if isinstance(body, str) else body
+        assert outcome(fast, body) == outcome(strict, body), body[:80]
+    assert outcome(fast, json.dumps({"instances": digits[:7].tolist()}).encode()) == digits[:7].tolist()
+
+
+def test_an_orjson_server_gives_the_models_labels_and_a_bad_json_lib_names_itself(app_module, model_path, meta, digits):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*starlette.testclient.*")
+        from fastapi.testclient import TestClient
+    settings = app_module.Settings(model_path=str(model_path), max_batch=8, max_wait_ms=1, json_lib="orjson",
+                                   allowed_hosts="testserver")
+    with TestClient(app_module.create_app(settings)) as c:
+        r = c.post("/predict", json={"instances": digits[:5].tolist()})
+        bad = c.post("/predict", json={"instances": [digits[0].tolist()[:-1] + ["7"]]})
+    assert r.status_code == 200 and r.json()["labels"] == expected_labels(model_path, meta, digits[:5]), r.text
+    assert r.headers["content-type"] == "application/json" and r.headers["x-model-version"] == meta["version"]
+    assert bad.status_code == 422 and "row 0, feature 63" in " ".join(bad.json()["details"]), bad.text
+    with pytest.raises(ValueError, match="SERVE_JSON_LIB='simdjson'"):
+        app_module.create_app(app_module.Settings(model_path=str(model_path), json_lib="simdjson"))
+
+
 def test_errors_are_counted_and_no_5xx_after_bad_input(client):
     client.post("/predict", content="x", headers={"content-type": "text/plain"})
     stats = client.get("/stats").json()
@@ -415,7 +454,142 @@ def test_load_test_refuses_bad_flags(load_test, capsys, flags):
     assert "rates, duration and connections must be positive" in capsys.readouterr().err
 
 
+def test_stability_rule_needs_every_window_within_the_tolerance(load_test):
+    assert load_test.stable([100, 105, 95], 0.1) and not load_test.stable([100, 100, 125], 0.1)
+    assert not load_test.stable([0, 0, 0], 0.1)  # no goodput at all is not a stable measurement
+    with pytest.raises(SystemExit):
+        load_test.parse_args(["--port", "1", "--max-windows", "2", "--stable-windows", "3"])
+
+
+def test_windows_repeat_until_stable_and_stop_at_the_cap(load_test, monkeypatch):
+    """measure_level runs windows until the last three agree, reports the medians, and never runs more
+    than --max-windows; each window draws its own arrivals (its own seed)."""
+    def fake(goodputs):
+        seeds = []
+
+        async def run_level(port, requests, rate, args):
+            seeds.append(args.seed)
+            g = goodputs[len(seeds) - 1]
+            return {"goodput_rps": g, "achieved_rps": g + 10, "p99_ms": 1000 / g}, None
+        return run_level, seeds
+
+    args = load_test.parse_args(["--port", "1", "--max-windows", "6", "--stable-pct", "10", "--seed", "2"])
+    run_level, seeds = fake([50, 200, 100, 104, 98, 300])
+    monkeypatch.setattr(load_test, "run_level", run_level)
+    level, _ = asyncio.run(load_test.measure_level(1, [], 100, args))
+    assert level["windows"] == 5 and level["stable"] and level["goodput_rps"] == 100 and level["achieved_rps"] == 110
+    assert len(set(seeds)) == 5
+    run_level, seeds = fake([50, 200, 100, 300, 40, 250])
+    monkeypatch.setattr(load_test, "run_level", run_level)
+    level, _ = asyncio.run(load_test.measure_level(1, [], 100, args))
+    assert level["windows"] == 6 and not level["stable"] and level["goodput_rps"] == 250
+    assert level["window_goodput_rps"] == [50, 200, 100, 300, 40, 250]
+
+
+# --- metrics and drift ----------------------------------------------------------------------------
+
+def test_metrics_are_for_admins_and_count_what_stats_counts(app_module, model_path, digits):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with make_client(app_module, model_path, admin_hosts="127.0.0.1") as c:
+        assert c.get("/metrics").status_code == 403
+    with make_client(app_module, model_path) as c:
+        for n in (1, 3, 5):
+            assert c.post("/predict", json={"instances": digits[:n].tolist()}).status_code == 200
+        c.post("/predict", content="x", headers={"content-type": "application/json"})
+        r = c.get("/metrics")
+        stats = c.get("/stats").json()
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    samples = {s.name + str(sorted(s.labels.items())): s.value
+               for f in text_string_to_metric_families(r.text) for s in f.samples}
+    assert samples["serve_request_seconds_count[]"] == stats["requests"] == 3
+    assert samples["serve_batch_rows_sum[]"] == stats["rows"] == 9
+    assert samples["serve_responses_total[('code', '4xx')]"] == 1 and samples["serve_queue_rows[]"] == 0
+    assert samples["serve_request_seconds_bucket[('le', '+Inf')]"] == 3
+
+
+def test_interval_quantile_and_timeline_read_histograms_like_prometheus(server_process):
+    bucket = lambda le: f'serve_request_seconds_bucket{{le="{le}"}}'  # noqa: E731
+    before = {"t": 0.0, bucket("0.001"): 0, bucket("0.01"): 0, bucket("+Inf"): 0, "serve_request_seconds_count": 0}
+    after = {"t": 0.5, bucket("0.001"): 50, bucket("0.01"): 90, bucket("+Inf"): 100, "serve_request_seconds_count": 100,
+             "serve_batch_rows_sum": 400, "serve_batch_rows_count": 20, "serve_queue_rows": 7}
+    q = lambda p: server_process.interval_quantile(before, after, "serve_request_seconds", p)  # noqa: E731
+    assert q(0.5) == pytest.approx(0.001) and q(0.7) == pytest.approx(0.0055) and q(0.99) == 0.01
+    assert math.isnan(server_process.interval_quantile(before, before, "serve_request_seconds", 0.5))
+    (row,) = server_process.metrics_timeline([before, after])
+    assert row["answers_per_s"] == 200 and row["mean_batch_rows"] == 20 and row["queue_rows"] == 7
+    assert row["p99_ms"] == pytest.approx(10)
+
+
+@pytest.fixture(scope="module")
+def drift():
+    return load_module(CHAPTER / "drift.py", "gr_07_serve_models_drift")
+
+
+def test_psi_is_zero_for_the_same_rows_and_large_for_a_shift(drift, digits):
+    psi = drift.psi_per_feature(digits, digits)
+    assert psi.shape == (64,) and np.allclose(psi, 0) and drift.drift_alerts(psi) == []
+    shifted = drift.psi_per_feature(digits, drift.shift_right(digits))
+    assert len(drift.drift_alerts(shifted)) >= 10 and np.isfinite(shifted).all()
+    constant = np.zeros((50, 2))  # a feature never seen nonzero, then seen: finite and alerting
+    assert drift.drift_alerts(drift.psi_per_feature(constant, constant + [0, 16])) == [1]
+    with pytest.raises(ValueError, match="same columns"):
+        drift.psi_per_feature(digits, digits[:, :10])
+
+
+def test_shift_right_moves_every_pixel_one_column(drift):
+    image = np.arange(64).reshape(1, 64)
+    moved = drift.shift_right(image).reshape(8, 8)
+    assert (moved[:, 0] == 0).all() and (moved[:, 1:] == image.reshape(8, 8)[:, :7]).all()
+
+
+@pytest.fixture(scope="module")
+def canary():
+    return load_module(CHAPTER / "canary.py", "gr_07_serve_models_canary")
+
+
+def shadowed(n, agree=True, live_ms=2.0, candidate_ms=2.0, candidate_status=200):
+    return [{"live_status": 200, "live_labels": [1, 2], "live_ms": live_ms,
+             "candidate_status": candidate_status, "candidate_ms": candidate_ms,
+             "candidate_labels": ([1, 2] if agree else [3, 2]) if candidate_status == 200 else None}
+            for _ in range(n)]
+
+
+def test_the_rule_promotes_only_a_candidate_that_passes_every_part(canary):
+    assert canary.decide(shadowed(100))["decision"] == "promote"
+    cases = {"requests compared": shadowed(99), "labels agree": shadowed(100, agree=False),
+             "p99": shadowed(100, candidate_ms=2.6), "were not 200": shadowed(100, candidate_status=503)}
+    for reason, records in cases.items():
+        verdict = canary.decide(records)
+        assert verdict["decision"] == "roll back" and any(reason in r for r in verdict["reasons"]), (reason, verdict)
+    assert canary.decide(shadowed(100, agree=False))["agreement"] == 0.5
+
+
+def test_a_candidate_is_a_new_version_that_rescales_its_input(canary, model_path, meta, digits, tmp_path):
+    import onnxruntime as ort
+
+    same = canary.make_candidate(model_path, tmp_path / "same", input_scale=1.0)
+    skewed = canary.make_candidate(model_path, tmp_path / "skewed", input_scale=1 / 16)
+    metas = [json.loads((p.parent / "model.json").read_text()) for p in (same, skewed)]
+    assert len({meta["version"], *(m["version"] for m in metas)}) == 3 and not list(tmp_path.rglob("*.partial"))
+    assert expected_labels(same, meta, digits[:200]) == expected_labels(model_path, meta, digits[:200])
+    labels = ort.InferenceSession(str(skewed)).run(None, {meta["input_name"]: digits[:200]})[0].argmax(axis=1)
+    assert labels.tolist() == expected_labels(model_path, meta, digits[:200] / 16)  # the old graph sees x / 16
+    assert labels.tolist() != expected_labels(model_path, meta, digits[:200])
+
+
 # --- the real process -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_shadowing_a_skewed_candidate_over_http_rolls_it_back(server_process, canary, model_path, digits, tmp_path):
+    skewed = canary.make_candidate(model_path, tmp_path / "skewed", input_scale=1 / 16)
+    bodies = [digits[i : i + 4].astype("<f4").tobytes() for i in range(0, 80, 4)]
+    with server_process.ServerProcess(model_path=model_path) as live, \
+            server_process.ServerProcess(model_path=skewed) as candidate:
+        records = canary.shadow(live.url, candidate.url, bodies)
+    assert [r["live_status"] for r in records] == [200] * 20 == [r["candidate_status"] for r in records]
+    verdict = canary.decide(records, min_requests=20)
+    assert verdict["decision"] == "roll back" and verdict["rows"] == 80 and verdict["agreement"] < 0.9, verdict
 
 @pytest.mark.slow
 def test_real_server_process_serves_rejects_survives_load_and_stops(server_process, model_path, meta, digits):
@@ -434,11 +608,19 @@ def test_real_server_process_serves_rejects_survives_load_and_stops(server_proce
         bad = [httpx.post(f"{url}/predict", content=b, headers={"content-type": t}) for b, t in
                [("{", "application/json"), ('{"instances": [[1]]}', "application/json"), ("x", "text/plain")]]
         assert [r.status_code for r in bad] == [400, 422, 415]
-        result = server_process.run_load_test(server.port, rates=[100], duration=0.5, warmup=0, timeout=60)
+        with server_process.MetricsScraper(url, every_s=0.1) as scraper:  # /metrics over real HTTP
+            result = server_process.run_load_test(server.port, rates=[100], duration=0.5, warmup=0, timeout=60)
         level = result["levels"][0]
         assert level["sent"] == 50 and level["ok"] == 50 and level["http_5xx"] == 0
         assert result["server"]["model_version"] == meta["version"]
-        assert httpx.get(f"{url}/stats").json()["responses"].get("5xx", 0) == 0
+        stats = httpx.get(f"{url}/stats").json()
+        assert stats["responses"].get("5xx", 0) == 0
+        assert len(scraper.samples) >= 3 and scraper.samples[-1]["serve_request_seconds_count"] == stats["requests"]
+        samples = scraper.samples
+        answered = sum(r["answers_per_s"] * (b["t"] - a["t"])
+                       for r, a, b in zip(server_process.metrics_timeline(samples), samples, samples[1:]))
+        counted = samples[-1]["serve_request_seconds_count"] - samples[0]["serve_request_seconds_count"]
+        assert counted >= 50 and answered == pytest.approx(counted)  # the load's 50, and nothing lost between scrapes
     finally:
         code = server.stop()
     assert code == -signal.SIGTERM  # uvicorn shut down gracefully, then re-raised the signal
@@ -490,6 +672,26 @@ def test_serve_settings_reach_the_process_and_a_chunked_body_is_capped(server_pr
 
 
 @pytest.mark.slow
+def test_a_client_flooding_bad_bodies_is_slowed_by_the_reject_penalty_and_still_answered(server_process, model_path):
+    """One connection sending rejected bodies back to back: with the penalty (the default, 4x the
+    request's time) it gets about a fifth of the answers per second it gets without, each one a 422."""
+    import json
+
+    strings = json.dumps({"instances": [["7"] * 64] * 1024}).encode()
+    rates = {}
+    for penalty in ("0", "4"):
+        server = server_process.ServerProcess(model_path=model_path, extra_env={"SERVE_REJECT_PENALTY": penalty})
+        server.start(ready_timeout=60)
+        try:
+            counts = server_process.flood(server.port, strings, seconds=1.5).result()
+        finally:
+            server.stop()
+        assert set(counts) == {422}, (penalty, counts)  # every bad body answered, with the reason
+        rates[penalty] = counts[422] / 1.5
+    assert rates["4"] < 0.5 * rates["0"], f"answers/s with the penalty and without: {rates}; needs < 0.5x"
+
+
+@pytest.mark.slow
 def test_hang_ups_are_disconnects_with_no_traceback(server_process, hardened):
     import httpx
 
@@ -516,3 +718,43 @@ def test_sigterm_fails_readiness_first_and_answers_every_request_sent(server_pro
     assert set(result["outcomes"]) == {200} and result["outcomes"][200] > result["answered_before_sigterm"], result
     assert result["exit_code"] == -signal.SIGTERM and result["sigterm_to_exit_s"] < 1 + 2 + 2, result
     slow[0].close()
+
+
+@pytest.mark.slow
+def test_the_guard_holds_on_httptools_and_uvloop_and_the_profile_is_written(server_process, model_path, digits, tmp_path):
+    """The faster stack of the chapter's table keeps every defence of the h11 one: idle and stalled
+    sockets reclaimed, a chunked body capped with 413, hang-ups counted as disconnects, no 5xx; and
+    SERVE_PROFILE leaves a cProfile file of the event-loop thread at shutdown."""
+    import pstats
+
+    import httpx
+
+    env = {"SERVE_IDLE_TIMEOUT_S": "1", "SERVE_READ_TIMEOUT_S": "1", "SERVE_MAX_CONNECTIONS": "40",
+           "SERVE_MAX_BODY_BYTES": "100000", "SERVE_JSON_LIB": "orjson", "SERVE_PROFILE": str(tmp_path / "loop.prof")}
+    server = server_process.ServerProcess(max_batch=8, max_wait_ms=1, model_path=model_path, http="httptools",
+                                          loop="uvloop", extra_env=env, graceful_s=2)
+    server.start(ready_timeout=60)
+    try:
+        idle = server_process.open_hostile(server.port, 30, "idle")
+        stalled = server_process.open_hostile(server.port, 30, "stalled")  # 60 > the limit of 40
+        answers = [httpx.post(f"{server.url}/predict", json={"instances": [digits[0].tolist()]}, timeout=5)
+                   for _ in range(10)]
+        assert [r.status_code for r in answers] == [200] * 10
+        seen = server_process.closed_by_server(idle, 2.5), server_process.closed_by_server(stalled)
+        assert [s["closed"] for s in seen] == [30, 30], seen
+        status, body = server_process.chunked_body(server.port, 300_000)
+        assert status == 413, body
+        server_process.hang_ups(server.port, 5)
+        import time
+
+        time.sleep(1.5)
+        stats = httpx.get(f"{server.url}/stats").json()
+        assert stats["responses"].get("5xx", 0) == 0 and stats["disconnects"] >= 5, stats
+        assert stats["closed_connections"].get("evicted", 0) >= 20, stats
+        for s in idle + stalled:
+            s.close()
+    finally:
+        code = server.stop()
+    assert code == -signal.SIGTERM and "Traceback" not in server.log_path.read_text(), server.log_tail()
+    functions = {f[2] for f in pstats.Stats(str(tmp_path / "loop.prof")).stats}
+    assert {"predict", "parse_json_fast", "data_received"} <= functions, sorted(functions)[:20]

@@ -13,6 +13,7 @@ killed. Every script answers --help without importing torch.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from conftest import NOTEBOOKS, load_module
 CHAPTER = NOTEBOOKS / "08-train-distributed"
 core = load_module(CHAPTER / "ddp_core.py")
 launch = load_module(CHAPTER / "launch.py")
-SCRIPTS = ["train_ddp.py", "pitfalls.py", "bench_ddp.py", "slow_save.py"]
+SCRIPTS = ["train_ddp.py", "pitfalls.py", "bench_ddp.py", "slow_save.py", "hang.py"]
 FLAGS = ["--steps", 40, "--global-batch", 64, "--ckpt-every", 10, "--device", "cpu"]
 
 
@@ -238,7 +239,7 @@ def test_help_answers_without_importing_torch(script):
     assert "usage" in done.stdout.lower()
 
 
-@pytest.mark.parametrize("script", ["train_ddp.py", "pitfalls.py", "bench_ddp.py"])
+@pytest.mark.parametrize("script", ["train_ddp.py", "pitfalls.py", "bench_ddp.py", "hang.py"])
 def test_every_script_that_draws_random_numbers_takes_the_seed_as_a_flag(script):
     module = load_module(CHAPTER / script)  # the chapter passes the book's seed this way
     assert module.parse_args([]).seed == 0 and module.parse_args(["--seed", "7"]).seed == 7
@@ -331,3 +332,113 @@ def test_workers_exit_when_their_torchrun_agent_is_killed(tmp_path):
     assert "is gone; exiting" in err  # the first to notice exits; its peer may fail at the next collective
     assert not (tmp_path / "final.pt").exists(), "an orphan finished the job"
     assert launch.stray_processes() == []
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """FSDP2 with sharded (DCP) checkpoints: each of two ranks writes its own shards."""
+    out = tmp_path_factory.mktemp("fsdp")
+    result = launch.run(launch.torchrun("train_ddp.py", "--run-dir", out, "--shard", "--dcp", *FLAGS), timeout=180)
+    return result, core.read_checkpoint(out / "final.pt"), out
+
+
+@pytest.mark.slow
+def test_dcp_saved_by_two_ranks_resumes_with_one_and_with_two_again(tmp_path, fsdp_run, ddp_run):
+    """Resharding 2 -> 1 -> 2 through the training script, checked against the unsharded path."""
+    fsdp, fsdp_params, out = fsdp_run
+    assert fsdp["strategy"] == "fsdp2" and [p.name for p in core.dcp_checkpoints(out)] == [
+        "dcp-000040", "dcp-000030", "dcp-000020"], "the newest --keep sharded checkpoints"
+    shards = sorted(p.name for p in (out / "dcp-000020").glob("*.distcp"))
+    assert len(shards) == 2, f"each rank writes its own shard file: {shards}"
+    shutil.copytree(out / "dcp-000020", tmp_path / "dcp-000020")
+    alone = launch.run(launch.single("train_ddp.py", "--run-dir", tmp_path, "--shard", "--dcp",
+                                     "--stop-at", 30, *FLAGS), timeout=180)
+    assert (alone["world"], alone["saved_by_world"], alone["start_step"], alone["end_step"]) == (1, 2, 20, 30)
+    assert not (tmp_path / "final.pt").exists(), "a run stopped at 30 of 40 writes no final.pt"
+    again = launch.run(launch.torchrun("train_ddp.py", "--run-dir", tmp_path, "--shard", "--dcp", *FLAGS), timeout=180)
+    assert (again["world"], again["saved_by_world"], again["start_step"], again["end_step"]) == (2, 1, 30, 40)
+    resharded = core.read_checkpoint(tmp_path / "final.pt")
+    assert max_gap(resharded, fsdp_params) < 1e-5 and max_gap(resharded, ddp_run[1]) < 1e-5
+    initial = core.make_model(core.Config()).state_dict()
+    assert max_gap(resharded, initial) > 1e-2, "the run must have trained for the gaps to mean anything"
+
+
+def damage_shard(folder) -> None:  # one flipped byte in the middle of rank 0's shard file
+    shard = folder / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_damaged_dcp_folder_is_skipped_and_a_folder_where_none_verifies_refused(tmp_path, fsdp_run):
+    """Through the chapter's own loader (train -> load_dcp), as one process resuming two ranks' shards."""
+    _, fsdp_params, out = fsdp_run
+    for step in (20, 30, 40):
+        shutil.copytree(out / f"dcp-{step:06d}", tmp_path / f"dcp-{step:06d}")
+    damage_shard(tmp_path / "dcp-000040")
+    (tmp_path / "dcp-000030" / "meta.json").unlink()  # a save that died before rank 0 finished it
+    (tmp_path / ".dcp-000050.tmp").mkdir()  # and a temporary folder of one that died earlier
+    resumed = {}
+    model, _, start, _ = core.train(core.Config(), core.Env(), shard=True, ckpt_dir=tmp_path,
+                                    sharded_ckpt=True, resumed=resumed)
+    assert (start, resumed["path"], resumed["saved_by"]) == (20, "dcp-000020", 2)
+    why = dict(resumed["skipped"])
+    assert list(why) == [".dcp-000050.tmp", "dcp-000040", "dcp-000030"], why
+    assert "digest mismatch" in why["dcp-000040"] and "is incomplete" in why["dcp-000030"]
+    assert not (tmp_path / ".dcp-000050.tmp").exists()
+    assert max_gap(model.state_dict(), fsdp_params) < 1e-5, "resumed from the verified step-20 shards"
+    damage_shard(tmp_path / "dcp-000020")
+    with pytest.raises(core.CheckpointError, match=r"no sharded checkpoint in .* verifies: dcp-000040: .*digest mismatch"):
+        core.train(core.Config(), core.Env(), shard=True, ckpt_dir=tmp_path, sharded_ckpt=True)
+    shutil.copytree(out / "dcp-000040", tmp_path / "dcp-000040", dirs_exist_ok=True)
+    with pytest.raises(ValueError, match=r"dcp-000040 was written by a different run .*'lr': \(0.05, 0.1\)"):
+        core.train(core.Config(lr=0.1), core.Env(), shard=True, ckpt_dir=tmp_path, sharded_ckpt=True)
+
+
+@pytest.mark.parametrize("p", [2, 3, 4, 5])
+def test_the_ring_all_reduce_sums_and_sends_2_p_minus_1_over_p_of_the_gradients(p):
+    ring = load_module(CHAPTER / "ring.py")
+    grads = [torch.randn(p * 3, generator=torch.Generator().manual_seed(w)) for w in range(p)]
+    summed, history, sent = ring.ring_all_reduce(grads)
+    assert all(torch.allclose(s, sum(grads)) for s in summed)
+    assert len(history) == 2 * (p - 1) + 1 and history[p - 1] != history[-1] == [[p] * p] * p
+    assert sent == 2 * (p - 1) * grads[0].numel(), "per worker: 2(p-1)/p of M"
+
+
+def test_activation_checkpointing_keeps_what_the_arithmetic_says():
+    memory = load_module(CHAPTER / "memory.py")
+    ac = memory.activation_checkpointing(0, rounds=1)
+    for name in ("plain", "checkpointed"):
+        assert 0.9 < ac["kept"][name] / ac["expect"][name] < 1.3, (name, ac)
+    assert ac["kept"]["checkpointed"] < 0.6 * ac["kept"]["plain"]
+
+
+@pytest.mark.slow
+def test_each_rank_holds_the_bytes_the_arithmetic_predicts(ddp_run, fsdp_run):
+    """Weights, gradients and momentum, 4 bytes per parameter each: all of them under DDP, a
+    dim-0 shard under FSDP2, counted from the live tensors of each rank."""
+    n = sum(t.numel() for t in core.make_model(core.Config()).state_dict().values())
+    ddp, fsdp = ddp_run[0], fsdp_run[0]
+    for key in ("param_bytes", "grad_bytes", "optim_bytes"):
+        assert ddp[key] == [4 * n, 4 * n], (key, ddp[key])
+        assert sum(fsdp[key]) == 4 * n and max(fsdp[key]) < 0.55 * 4 * n, (key, fsdp[key])
+    assert all(mb > 0 for mb in ddp["peak_rss_mb"] + fsdp["peak_rss_mb"])
+
+
+@pytest.mark.slow
+def test_a_stalled_worker_times_out_and_the_flight_recorder_names_it():
+    recorder = {**os.environ, "TORCH_FR_BUFFER_SIZE": "256"}
+    hang = launch.run(launch.torchrun("hang.py", "--timeout-s", 1, "--rounds", 1), timeout=120, env=recorder)
+    assert "Timed out waiting 1000ms" in hang["plain"]["error"]
+    assert "Ranks 1 failed to pass monitoredBarrier in 1000 ms" in hang["detail"]["error"]
+    assert all(hang[n]["waited_s"] >= 1.0 for n in ("plain", "detail")), "no timeout fires early"
+    rank0, rank1 = hang["flight_record"]
+    assert [e["seq"] for e in rank0] == [1, 2] and [e["seq"] for e in rank1] == [1]
+    assert rank0[-1]["op"] == "gloo:all_reduce" and rank0[-1]["sizes"] == [[1000]]
+    assert launch.alive(hang["pids"]) == [] and launch.stray_processes() == []
+
+
+def test_hang_refuses_to_run_without_two_workers():
+    done = subprocess.run([sys.executable, str(CHAPTER / "hang.py")], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "needs exactly two workers" in done.stderr

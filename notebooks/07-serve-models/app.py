@@ -53,6 +53,9 @@ class Settings:
     docs: int = 0  # 1: serve /docs and /openapi.json (off: the schema is a map for attackers)
     admin_hosts: str = "127.0.0.1,::1"  # client addresses allowed to read /stats and /metrics
     allowed_hosts: str = "127.0.0.1,localhost"  # Host headers accepted; anything else gets 400
+    reject_penalty: float = 4.0  # a 400/422 waits this many times the parse time it cost (asyncio.sleep, at most 1 s)
+    json_lib: str = "pydantic"  # "orjson": orjson parses clean bodies and encodes answers (see parse_json_fast)
+    profile: str = ""  # a path: cProfile the event-loop thread, written there at shutdown
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> "Settings":
@@ -173,6 +176,7 @@ class Batcher:
         self.task: asyncio.Task | None = None
         self.computing = False  # a batch is on the model thread
         self.flushing = False  # shutting down: run what is queued without waiting for company
+        self.on_batch = None  # called with the rows of every model call (the metrics' batch histogram)
 
     def start(self) -> None:
         self.task = asyncio.get_running_loop().create_task(self.run(), name="batcher")
@@ -246,6 +250,8 @@ class Batcher:
             finally:
                 self.computing = False
             self.stats.batches += 1
+            if self.on_batch is not None:
+                self.on_batch(len(x))
             start = 0
             for rows, future, _ in items:  # each request gets back exactly its own rows
                 if not future.done():  # a client that hung up leaves a cancelled future
@@ -322,7 +328,34 @@ def parse_json(body: bytes, request_model, n_features: int, max_rows: int):
         if errors and errors[0]["type"] == "json_invalid":
             raise RequestError(400, "body is not valid JSON", [errors[0]["msg"]]) from None
         raise RequestError(422, "request does not match the schema", describe_errors(errors, n_features, max_rows)) from None
-    return np.asarray(parsed.instances, dtype=np.float32)
+    with np.errstate(over="ignore"):  # 1e39 is a finite JSON number and inf in float32: check_range refuses it
+        return np.asarray(parsed.instances, dtype=np.float32)
+
+
+def parse_json_fast(body: bytes, request_model, n_features: int, max_rows: int):
+    """The same contract as ``parse_json``, faster for the bodies that meet it: orjson parses, NumPy
+    checks types and shape in one conversion, and anything that is not a clean, finite table of plain
+    numbers (a string, ``true``, ``null``, NaN, an unknown field, a ragged row, invalid JSON) goes to the
+    strict pydantic path, so every error message is exactly the one ``parse_json`` gives."""
+    import numpy as np
+    import orjson
+
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        doc = None
+    rows = doc.get("instances") if type(doc) is dict and len(doc) == 1 else None
+    if type(rows) is list and 1 <= len(rows) <= max_rows and b"true" not in body and b"false" not in body:
+        try:
+            x = np.array(rows)  # ints and floats only give a numeric dtype; strings, None, dicts do not
+        except ValueError:  # ragged rows
+            x = None
+        if x is not None and x.dtype.kind in "iuf" and x.shape == (len(rows), n_features):
+            with np.errstate(over="ignore"):  # past float32's range: the strict path decides, below
+                x = x.astype(np.float32)
+            if np.isfinite(x).all():
+                return x
+    return parse_json(body, request_model, n_features, max_rows)
 
 
 def parse_binary(body: bytes, n_features: int, max_rows: int):
@@ -424,6 +457,41 @@ def drain_on_sigterm(state: dict, drain_s: float) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
+#: Upper bucket bounds: latency in seconds, batch size in rows
+LATENCY_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def make_metrics(stats: Stats, state: dict, queued_rows):
+    """Prometheus metrics in a registry of this app's own (several apps in one test process must not
+    share series): two histograms fed per request and per batch, and the counters and gauges read
+    from ``stats`` and ``state`` when scraped, which costs the request path nothing."""
+    from prometheus_client import CollectorRegistry, Histogram
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    registry = CollectorRegistry()
+    latency = Histogram("serve_request_seconds", "Time from a request's body being in to its 200 answer",
+                        buckets=LATENCY_BUCKETS, registry=registry)
+    batch = Histogram("serve_batch_rows", "Rows per model call", buckets=BATCH_BUCKETS, registry=registry)
+
+    class FromStats:
+        def collect(self):
+            responses = CounterMetricFamily("serve_responses", "Answers by status class", labels=["code"])
+            for code, n in sorted(stats.status.items()):
+                responses.add_metric([f"{code}xx"], n)
+            yield responses
+            yield CounterMetricFamily("serve_rejected", "Requests answered 503 (queue full, deadline, in-flight limit)",
+                                      value=stats.shed)
+            yield CounterMetricFamily("serve_disconnects", "Clients that hung up before their answer",
+                                      value=stats.disconnects)
+            yield GaugeMetricFamily("serve_queue_rows", "Rows waiting for the model", value=queued_rows())
+            yield GaugeMetricFamily("serve_inflight_requests", "Requests past their upload, not yet answered",
+                                    value=state["inflight"])
+
+    registry.register(FromStats())
+    return registry, latency, batch
+
+
 def connection_guard_counts() -> dict:
     """Connections guard.py closed, by reason; empty when the server runs without it."""
     import sys
@@ -449,20 +517,42 @@ def create_app(settings: Settings | None = None):
     request_model = make_request_model(model.n_features, settings.max_rows)
     state = {"draining": False, "inflight": 0}  # inflight: requests whose body is in and not yet answered
     admin = {h.strip() for h in settings.admin_hosts.split(",") if h.strip()}
+    if settings.json_lib not in ("pydantic", "orjson"):
+        raise ValueError(f"SERVE_JSON_LIB={settings.json_lib!r}: expected 'pydantic' or 'orjson'")
+    if settings.json_lib == "orjson":
+        import orjson
+        from starlette.responses import Response
+
+        parse_body = parse_json_fast
+        answer = lambda content: Response(orjson.dumps(content), media_type="application/json")
+    else:
+        parse_body, answer = parse_json, JSONResponse
+
+    registry, latency, batch_rows = make_metrics(stats, state, lambda: getattr(getattr(app.state, "batcher", None), "pending_rows", 0))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         app.state.batcher = Batcher(model.predict, settings.max_batch, settings.max_wait_ms / 1e3, stats,
                                     max_queue_rows=settings.max_queue_rows, deadline_s=settings.deadline_ms / 1e3)
+        app.state.batcher.on_batch = batch_rows.observe
         app.state.batcher.start()
         drain_on_sigterm(state, settings.drain_s)
         if settings.gc_freeze:  # the ~60k objects of the loaded libraries are never garbage: stop
             gc.collect()  # rescanning them, which makes every full collection a multi-ms stall
             gc.freeze()
         gc.callbacks.append(stats.on_gc)
+        profiler = None
+        if settings.profile:  # the event-loop thread only: HTTP, framework, parsing; not the model thread
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         try:
             yield
         finally:
+            if profiler is not None:
+                profiler.disable()
+                profiler.dump_stats(settings.profile)
             gc.callbacks.remove(stats.on_gc)
             await app.state.batcher.drain()  # uvicorn already let in-flight requests finish
 
@@ -504,12 +594,23 @@ def create_app(settings: Settings | None = None):
         return {**stats.as_dict(), "cpu_s": time.process_time(), "queued_rows": batcher.pending_rows,
                 "closed_connections": connection_guard_counts(), **describe}
 
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        """Prometheus text format, for the admin hosts only, like /stats."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        if not from_admin(request):
+            return error(RequestError(403, "/metrics is only served to the admin hosts"))
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     schema = {"requestBody": {"content": {"application/json": {"schema": request_model.model_json_schema()},
                                           "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
 
     @app.post("/predict", openapi_extra=schema)
     async def predict(request: Request):
         """Class labels for a batch of rows, sent as JSON or as raw float32 bytes."""
+        started = time.perf_counter()
         try:
             kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if kind not in JSON_TYPES + BINARY_TYPES:
@@ -518,7 +619,7 @@ def create_app(settings: Settings | None = None):
             body = await read_body(request, settings.max_body_bytes)
             arrival = time.monotonic()  # the deadline counts the server's time, not a slow upload
             if kind in JSON_TYPES:
-                x = parse_json(body, request_model, model.n_features, settings.max_rows)
+                x = parse_body(body, request_model, model.n_features, settings.max_rows)
             else:
                 x = parse_binary(body, model.n_features, settings.max_rows)
             model.check_range(x)
@@ -532,6 +633,13 @@ def create_app(settings: Settings | None = None):
                 state["inflight"] -= 1
         except RequestError as exc:
             stats.shed += exc.status == 503
+            if exc.status in (400, 422) and settings.reject_penalty > 0:
+                # Fairness for rejected work: a bad request that took t seconds from its first byte in the
+                # handler to its rejection (upload, parse, validation) waits penalty x t more for its
+                # answer, without holding the loop, so one connection sending bad bodies back to back
+                # gets at most about 1 / (1 + penalty) of the server's time. Many connections doing it at
+                # once are a rate-limit problem, for the proxy in front.
+                await asyncio.sleep(min(1.0, settings.reject_penalty * (time.perf_counter() - started)))
             return error(exc)
         except ClientDisconnect:  # the client hung up mid-body: nobody to answer, nothing broken
             return JSONResponse({"error": "client disconnected"}, status_code=499)
@@ -541,8 +649,9 @@ def create_app(settings: Settings | None = None):
             return error(RequestError(500, f"the model failed on this batch: {type(exc).__name__}: {exc}"[:300]))
         stats.requests += 1
         stats.rows += len(x)
+        latency.observe(time.monotonic() - arrival)
         # A Response skips FastAPI's jsonable_encoder, which walks every label in Python (ms per request)
-        return JSONResponse({"labels": labels.tolist(), **describe})
+        return answer({"labels": labels.tolist(), **describe})
 
     hosts = [h.strip() for h in settings.allowed_hosts.split(",") if h.strip()]
     return ModelVersionHeader(TrustedHosts(app, hosts), str(meta["version"]), stats, state)

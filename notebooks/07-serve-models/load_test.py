@@ -260,6 +260,36 @@ async def run_level(port: int, requests: list[bytes], rate: float, args) -> tupl
     return level, rec
 
 
+def stable(values: list[float], tolerance: float) -> bool:
+    """True when every value lies within ``tolerance`` (a fraction) of their mean."""
+    mean = sum(values) / len(values)
+    return mean > 0 and all(abs(v - mean) <= tolerance * mean for v in values)
+
+
+async def measure_level(port: int, requests: list[bytes], rate: float, args) -> tuple[dict, Recorder]:
+    """One level, as one window or (``--max-windows`` > 1) as windows of ``--duration`` seconds repeated
+    until the last ``--stable-windows`` agree on goodput within ``--stable-pct`` percent of their mean,
+    or ``--max-windows`` have run (the rule of Triton's perf_analyzer). Each window draws its own
+    arrivals. The level reported is the last window, with goodput, achieved rate and p99 replaced by
+    the medians of the last ``--stable-windows`` windows."""
+    import statistics
+
+    if args.max_windows <= 1:
+        return await run_level(port, requests, rate, args)
+    need, windows = args.stable_windows, []
+    for w in range(args.max_windows):
+        window_args = argparse.Namespace(**{**vars(args), "seed": args.seed * 1000 + w})
+        level, rec = await run_level(port, requests, rate, window_args)
+        windows.append(level)
+        if len(windows) >= need and stable([x["goodput_rps"] for x in windows[-need:]], args.stable_pct / 100):
+            break
+    last = windows[-need:]
+    level = {**level, **{k: statistics.median(x[k] for x in last) for k in ("goodput_rps", "achieved_rps", "p99_ms")}}
+    level.update(windows=len(windows), stable=stable([x["goodput_rps"] for x in last], args.stable_pct / 100),
+                 window_goodput_rps=[x["goodput_rps"] for x in windows], window_p99_ms=[x["p99_ms"] for x in windows])
+    return level, rec
+
+
 async def run(args) -> dict:
     ready = await get_json(args.port, "/ready")
     requests = build_requests(args.port, ready["n_features"], args.payload, args.rows, 64, args.seed)
@@ -268,7 +298,7 @@ async def run(args) -> dict:
         await run_level(args.port, requests, min(*args.rates, 200.0), warm)
     levels, timeline = [], None
     for rate in args.rates:
-        level, rec = await run_level(args.port, requests, rate, args)
+        level, rec = await measure_level(args.port, requests, rate, args)
         levels.append(level)
         if args.timeline:
             t0 = rec.intended[0] if rec.intended else 0.0
@@ -302,17 +332,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stop-p50-ms", type=float, default=0.0,
                         help="end the sweep after the first level whose median latency exceeds this (0: never)")
     parser.add_argument("--timeline", action="store_true", help="include per-request times of the last level")
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio",
+                        help="the generator's own event loop (uvloop: less client CPU per request)")
+    parser.add_argument("--max-windows", type=int, default=1,
+                        help="repeat each level in windows of --duration s until stable, at most this many")
+    parser.add_argument("--stable-windows", type=int, default=3, help="how many last windows must agree")
+    parser.add_argument("--stable-pct", type=float, default=10.0,
+                        help="they agree when each goodput is within this percent of their mean")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",")]
     if not all(r > 0 for r in args.rates) or args.duration <= 0 or args.connections < 1:
         parser.error("rates, duration and connections must be positive")
+    if args.max_windows > 1 and not 1 <= args.stable_windows <= args.max_windows:
+        parser.error("--stable-windows must be between 1 and --max-windows")
     return args
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    result = asyncio.run(run(args))
+    if args.loop == "uvloop":
+        import uvloop
+
+        result = uvloop.run(run(args))
+    else:
+        result = asyncio.run(run(args))
     print(json.dumps(result))
 
 

@@ -450,3 +450,149 @@ def flood(port: int, body: bytes, seconds: float, content_type: str = "applicati
             return dict(counts)
 
     return Handle()
+
+
+#: uvicorn --http, --loop and SERVE_JSON_LIB of each HTTP stack the chapter measures
+STACKS = {"h11 + asyncio, pydantic": ("h11", "asyncio", "pydantic"),
+          "httptools + uvloop, pydantic": ("httptools", "uvloop", "pydantic"),
+          "httptools + uvloop, orjson": ("httptools", "uvloop", "orjson")}
+
+
+def measure_stacks(model_path, requests: dict, seed: int, duration: float = 0.75, connections: int = 64) -> list[dict]:
+    """Each stack of ``STACKS`` as its own server process, driven flat out by the same closed-loop
+    generator (on uvloop, so the client is as cheap as it gets) with each kind of request in
+    ``requests`` ({"1-row json": ("json", 1), ...}); one row per stack and request kind."""
+    out = []
+    for name, (http, loop, json_lib) in STACKS.items():
+        env = {"SERVE_JSON_LIB": json_lib, "SERVE_DRAIN_S": "0"}  # nobody to drain for: stop at once
+        with ServerProcess(model_path=model_path, http=http, loop=loop, extra_env=env) as server:
+            for kind, (payload, rows) in requests.items():
+                if payload == "binary" and json_lib != "pydantic":
+                    continue  # a binary body never reaches the JSON parser
+                level = run_load_test(server.port, rates=[100_000], duration=duration, mode="closed",
+                                      connections=connections, payload=payload, rows=rows, warmup=0.2,
+                                      loop="uvloop", seed=seed)["levels"][0]
+                out.append({"stack": name, "request": kind, "rows_per_request": rows, **level})
+    return out
+
+
+def profile_stack(model_path, stack: str, payload: str, rows: int, seed: int, duration: float = 0.75,
+                  connections: int = 64) -> tuple[dict, "object"]:
+    """Run one closed-loop level against a server of ``stack`` with cProfile on its event-loop thread
+    (``SERVE_PROFILE``); return the level and the ``pstats.Stats`` written at shutdown."""
+    import pstats
+
+    http, loop, json_lib = STACKS[stack]
+    path = HERE / "artifacts" / f"loop-{stack.split()[0]}-{payload}.prof"
+    env = {"SERVE_JSON_LIB": json_lib, "SERVE_DRAIN_S": "0", "SERVE_PROFILE": str(path)}
+    with ServerProcess(model_path=model_path, http=http, loop=loop, extra_env=env) as server:
+        level = run_load_test(server.port, rates=[100_000], duration=duration, mode="closed", connections=connections,
+                              payload=payload, rows=rows, warmup=0.2, loop="uvloop", seed=seed)["levels"][0]
+    return level, pstats.Stats(str(path))
+
+
+LAYERS = (("HTTP protocol (uvicorn, guard.py)", ("uvicorn/", "guard.py", "h11/", "httptools")),
+          ("framework (FastAPI, Starlette)", ("fastapi/", "starlette/", "anyio/")),
+          ("app.py: handler, validation, batcher", ("07-serve-models/app.py",)),
+          ("JSON and NumPy", ("pydantic", "orjson", "numpy", "json/")),
+          ("event loop (asyncio, uvloop)", ("asyncio/", "uvloop", "selectors", "concurrent/")))
+
+
+def layer_of(filename: str, function: str) -> str:
+    """Which layer of the stack a profiled function belongs to (C functions are named by their type)."""
+    where = filename if filename != "~" else function
+    for layer, marks in LAYERS:
+        if any(mark in where for mark in marks):
+            return layer
+    return "other (Python built-ins, contextlib, typing)"
+
+
+def time_by_layer(stats) -> dict:
+    """Seconds of own time (cProfile's tottime) per layer, largest first."""
+    import collections
+
+    seconds = collections.Counter()
+    for (filename, _, function), (_, _, own, _, _) in stats.stats.items():
+        seconds[layer_of(filename, function)] += own
+    return dict(seconds.most_common())
+
+
+class MetricsScraper:
+    """Scrape a server's ``/metrics`` every ``every_s`` seconds on a thread, as Prometheus would, while
+    the caller runs something else; one last scrape on exit. ``samples`` holds one dict per scrape:
+    ``t`` (seconds since the first) and every sample as ``name{label="value"}``: value."""
+
+    def __init__(self, url: str, every_s: float = 0.25):
+        import threading
+
+        self.url, self.every_s, self.samples = url, every_s, []
+        self._stop, self._thread = threading.Event(), threading.Thread(target=self._run, daemon=True)
+        self._t0 = time.monotonic()
+
+    def scrape(self) -> None:
+        import httpx
+        from prometheus_client.parser import text_string_to_metric_families
+
+        reply = httpx.get(f"{self.url}/metrics", timeout=2)
+        reply.raise_for_status()
+        sample = {"t": time.monotonic() - self._t0}
+        for family in text_string_to_metric_families(reply.text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
+                sample[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        self.samples.append(sample)
+
+    def _run(self) -> None:
+        import httpx
+
+        while not self._stop.wait(self.every_s):
+            try:
+                self.scrape()
+            except httpx.HTTPError:  # a scrape that fails is a gap in the series, as in Prometheus
+                pass
+
+    def __enter__(self) -> "MetricsScraper":
+        self._t0 = time.monotonic()
+        self.scrape()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.scrape()
+
+
+def interval_quantile(before: dict, after: dict, name: str, q: float) -> float:
+    """Prometheus's ``histogram_quantile`` over one scrape interval: the q-quantile of the observations
+    of histogram ``name`` made between two scrapes, interpolated linearly inside its bucket; NaN when
+    there were none, the highest finite bound when it falls in the +Inf bucket."""
+    import math
+
+    prefix = f'{name}_bucket{{le="'
+    buckets = sorted((float(k[len(prefix):-2]), after[k] - before.get(k, 0.0)) for k in after if k.startswith(prefix))
+    if not buckets or buckets[-1][1] <= 0:
+        return math.nan
+    rank, lower, below = q * buckets[-1][1], 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if math.isinf(bound):
+                return lower
+            return lower + (bound - lower) * (rank - below) / max(count - below, 1e-12)
+        lower, below = bound, count
+    return lower
+
+
+def metrics_timeline(samples: list[dict], q: float = 0.99) -> list[dict]:
+    """Per scrape interval: answers/s, the q-quantile of the server-side latency (ms), mean rows per
+    model call, rows queued at the scrape, and 503s/s: what a dashboard over /metrics would plot."""
+    out = []
+    for before, after in zip(samples, samples[1:]):
+        dt = after["t"] - before["t"]
+        delta = lambda key: after.get(key, 0.0) - before.get(key, 0.0)  # noqa: E731
+        batches = delta("serve_batch_rows_count")
+        out.append({"t_s": after["t"], "answers_per_s": delta("serve_request_seconds_count") / dt,
+                    f"p{round(100 * q)}_ms": 1e3 * interval_quantile(before, after, "serve_request_seconds", q),
+                    "mean_batch_rows": delta("serve_batch_rows_sum") / batches if batches else 0.0,
+                    "queue_rows": after.get("serve_queue_rows", 0.0), "rejected_per_s": delta("serve_rejected_total") / dt})
+    return out

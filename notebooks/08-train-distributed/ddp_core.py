@@ -519,15 +519,22 @@ def load_dcp(model, opt, folder: Path, cfg: Config, env: Env):
 
     DCP reads, for each tensor this rank holds now, the pieces of it that the saving ranks
     wrote, whatever their number: that is resharding. Returns (meta or None, path, skipped).
+    A damaged folder is skipped for the next older one (every rank checks the digest
+    itself, so all ranks choose the same); a folder in which nothing verifies is an error,
+    as in ``find_resume``, and so is another run's checkpoint (ValueError).
     """
     from torch.distributed import checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+    skipped = []
+    for tmp in sorted(Path(folder).glob(".dcp-*.tmp")):
+        skipped.append((tmp.name, "temporary folder of an interrupted save, removed"))
+    barrier(env)  # every rank has listed it before rank 0 removes it
     if env.rank == 0:
         for tmp in Path(folder).glob(".dcp-*.tmp"):
             shutil.rmtree(tmp, ignore_errors=True)
-    skipped = []
-    for path in dcp_checkpoints(folder):
+    found = dcp_checkpoints(folder)
+    for path in found:
         try:
             meta = read_dcp_meta(path, cfg)
         except CheckpointError as err:
@@ -542,6 +549,9 @@ def load_dcp(model, opt, folder: Path, cfg: Config, env: Env):
         dcp.load(state, checkpoint_id=path)
         set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         return meta, path, skipped
+    if found:
+        detail = "; ".join(f"{name}: {why}" for name, why in skipped)
+        raise CheckpointError(f"no sharded checkpoint in {folder} verifies: {detail}")
     return None, None, skipped
 
 

@@ -26,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30, help="steps per comparison (default 30)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hang", action="store_true",
+                   help="then run hang.py's straggler and stall experiments in the same "
+                        "launch (set TORCH_FR_BUFFER_SIZE for its flight recorder)")
     return p.parse_args(argv)
 
 
@@ -40,6 +43,10 @@ def main(argv=None) -> dict:
             raise SystemExit("pitfalls.py compares 2 workers with 1 process: launch it "
                              "with torchrun --nproc-per-node 2")
         result = run(args, env, core)
+        if args.hang:  # one launch fewer for the chapter: the same two workers stall next
+            import hang
+
+            result["hang"] = hang.measure(hang.parse_args(["--seed", str(args.seed)]), env, core)
         if env.rank == 0:
             print(json.dumps(result), flush=True)
         return result

@@ -129,8 +129,12 @@ def run(args, cfg, env, core) -> dict:
     msd, _ = core.get_full_state(model, opt, args.shard)
     optim_state = [t for s in opt.state.values() for t in s.values()
                    if isinstance(t, torch.Tensor) and t.dim() > 0]
+    import resource  # the process's peak resident set: what the OS gave it, all of torch included
+
     mine = {"params": core.local_bytes(model.parameters()),
+            "grads": core.local_bytes(p.grad for p in model.parameters() if p.grad is not None),
             "optim": core.local_bytes(optim_state),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             "pid": os.getpid(), "threads": torch.get_num_threads()}
     sharded_on_cpu = args.shard and env.world > 1 and env.device.type == "cpu"
     probes = core.fsdp_cpu_probes() if sharded_on_cpu else None  # every rank takes part
@@ -155,6 +159,8 @@ def run(args, cfg, env, core) -> dict:
         "full_loss": core.full_dataset_loss(msd, cfg),
         "param_bytes": [r["params"] for r in ranks],
         "optim_bytes": [r["optim"] for r in ranks],
+        "grad_bytes": [r["grads"] for r in ranks],
+        "peak_rss_mb": [r["peak_rss_mb"] for r in ranks],
         "full_param_bytes": sum(v.numel() * v.element_size() for v in msd.values()),
         "pids": [r["pid"] for r in ranks], "threads": [r["threads"] for r in ranks],
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
