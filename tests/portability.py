@@ -89,7 +89,25 @@ def execute_page(page: str, timeout: int = 600) -> dict:
     except Exception as error:  # a kernel death or a timeout is a failure of the page, reported
         record.update(ok=False, error=f"{type(error).__name__}: {error}"[-3000:])
     record["seconds"] = round(time.perf_counter() - started, 1)
+    numpy_glue = numpy_glued(notebook)
+    if record["ok"] and numpy_glue:  # the HTML build would warn, and -W makes a warning an error
+        record.update(ok=False, error=f"glued NumPy scalars (glue a Python float or int instead): {numpy_glue}")
     return record
+
+
+def numpy_glued(notebook) -> list[str]:
+    """Names of glued values whose text is a NumPy scalar's repr (``np.float64(3.0)``): myst-nb
+    cannot format those, and the book build fails on its warning. Caught here, where pages run
+    without rendering, so that a matrix run finds it before the build does."""
+    found = []
+    for cell in notebook.cells:
+        for output in cell.get("outputs", []):
+            record = output.get("metadata", {}).get("scrapbook", {})
+            name, prefix = record.get("name"), record.get("mime_prefix", "")
+            text = output.get("data", {}).get(f"{prefix}text/plain", "")
+            if name and text.startswith("np."):
+                found.append(name)
+    return found
 
 
 PROBE = """

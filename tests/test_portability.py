@@ -46,6 +46,17 @@ def test_the_probe_sees_a_forced_kernel_level():
     assert json.loads(done.stdout.splitlines()[-1])["torch_capability"] == "DEFAULT"
 
 
+def test_a_glued_numpy_scalar_is_found_without_rendering():
+    import nbformat
+    from nbclient import NotebookClient
+
+    notebook = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import numpy as np\nfrom myst_nb import glue\n"
+        "glue('bad', np.float64(1.5), display=False)\nglue('good', float(np.float64(1.5)), display=False)")])
+    NotebookClient(notebook, timeout=60, kernel_name="python3").execute()
+    assert portability.numpy_glued(notebook) == ["bad"]
+
+
 def test_page_selection_follows_the_toc():
     assert portability.select_pages([]) == notebook_docs()
     assert portability.select_pages(["02"]) == ["notebooks/02-train-models/02-train-models"]
