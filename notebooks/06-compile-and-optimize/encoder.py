@@ -48,6 +48,14 @@ def _book_seed() -> int:
 SEED = _book_seed()
 
 
+def _export_model():
+    """This folder's ``export_model.py``, imported by path (the chapter and the tests import this file by path too)."""
+    spec = importlib.util.spec_from_file_location("_gr_06_export_model", HERE / "export_model.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def make_data(n: int, seed: int = SEED):
     """``n`` seeded sequences of int64 tokens ``[n, SEQ]`` and their labels ``[n]``.
 
@@ -114,33 +122,17 @@ def flops_per_sample(model, seq: int = SEQ) -> int:
 
 def train_model(tokens, labels, *, epochs: int = EPOCHS, batch_size: int = 64, lr: float = 5e-3,
                 seed: int = SEED):
-    """Seeded AdamW training on one thread (weights independent of the caller's thread count)."""
+    """Seeded AdamW with a one-cycle schedule, trained by chapter 06's ``fit_one_thread`` (one thread:
+    weights independent of the caller's thread count)."""
     import torch
-    import torch.nn.functional as F
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(seed)
-        model = make_model()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-        X, y = torch.from_numpy(tokens), torch.from_numpy(labels)
-        order = torch.Generator().manual_seed(seed)
-        steps = epochs * math.ceil(len(X) / batch_size)
-        schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
-        model.train()
-        for _ in range(epochs):
-            perm = torch.randperm(len(X), generator=order)
-            for start in range(0, len(X), batch_size):
-                idx = perm[start:start + batch_size]
-                loss = F.cross_entropy(model(X[idx]), y[idx])
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    finally:
-        torch.set_num_threads(threads)
-    return model.eval()
+    torch.manual_seed(seed)
+    model = make_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    steps = epochs * math.ceil(len(tokens) / batch_size)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps)
+    return _export_model().fit_one_thread(model, optimizer, tokens, labels, epochs=epochs,
+                                          batch_size=batch_size, seed=seed, schedule=schedule)
 
 
 def export_onnx(model, path: Path) -> Path:

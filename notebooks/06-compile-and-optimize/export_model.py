@@ -103,14 +103,26 @@ def train_model(X_train, y_train, *, hidden: int = HIDDEN, epochs: int = EPOCHS,
     the caller. At batch 64 a second thread buys little, and one thread is robust to a busy machine.
     """
     import torch
+
+    torch.manual_seed(seed)
+    model = make_model(X_train.shape[1], int(y_train.max()) + 1, hidden)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    return fit_one_thread(model, optimizer, X_train, y_train, epochs=epochs, batch_size=batch_size, seed=seed)
+
+
+def fit_one_thread(model, optimizer, X_train, y_train, *, epochs: int, batch_size: int, seed: int,
+                   schedule=None):
+    """Cross-entropy mini-batches in an order drawn from ``seed``, on one thread; the model in eval mode.
+
+    The caller's thread count is restored afterwards. ``schedule``, if given, is a learning-rate
+    scheduler stepped after every optimizer step. Chapter 06's MLP and its encoder block both train here.
+    """
+    import torch
     import torch.nn.functional as F
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        torch.manual_seed(seed)
-        model = make_model(X_train.shape[1], int(y_train.max()) + 1, hidden)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
         X, y = torch.from_numpy(X_train), torch.from_numpy(y_train)
         order = torch.Generator().manual_seed(seed)
         model.train()
@@ -122,6 +134,8 @@ def train_model(X_train, y_train, *, hidden: int = HIDDEN, epochs: int = EPOCHS,
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
     finally:
         torch.set_num_threads(threads)
     return model.eval()
