@@ -7,7 +7,11 @@ published (README, status page), never asserted. It measures
 2. the unchanged rebuild: the same command again (Sphinx finds nothing out of date), and the
    same with ``--all``, which re-reads every page and takes every execution from the cache;
 3. each chapter alone: executed with nbclient in its own folder while a sampler thread sums the
-   resident memory (RSS) of the kernel and every process the kernel starts, every 50 ms.
+   memory of the kernel and every process the kernel starts, every 50 ms. The headline is the
+   summed PSS (proportional set size: a page shared by k processes counts 1/k in each), which is
+   what the processes take from the machine together and what a container's memory limit (Binder's
+   2 GB) charges. The summed RSS is reported beside it: it counts a page shared by torchrun's
+   workers, or by a forked server, once per process, so it overstates the total.
 
 Run it from the repository root with nothing else running (chapters benchmark themselves, and two
 benchmarks at once corrupt each other's numbers)::
@@ -51,7 +55,7 @@ def timed_build(out: Path, *extra: str) -> float:
 
 
 class TreeMemory:
-    """Peak summed RSS of every descendant of this process (the kernel and what it starts)."""
+    """Peak summed PSS, and peak summed RSS, of every descendant of this process (the kernel and what it starts)."""
 
     def __init__(self, interval: float = 0.05):
         import psutil
@@ -59,20 +63,22 @@ class TreeMemory:
         self._me = psutil.Process()
         self._interval = interval
         self._stop = threading.Event()
-        self.peak = 0
+        self.peak = 0      # summed PSS, bytes
+        self.peak_rss = 0  # summed RSS, bytes
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self):
         import psutil
 
         while not self._stop.is_set():
-            total = 0
+            pss = rss = 0
             for child in self._me.children(recursive=True):
                 try:
-                    total += child.memory_info().rss
+                    info = child.memory_full_info()  # reads /proc/PID/smaps_rollup
                 except psutil.Error:  # a process that ended between listing and reading
-                    pass
-            self.peak = max(self.peak, total)
+                    continue
+                pss, rss = pss + info.pss, rss + info.rss
+            self.peak, self.peak_rss = max(self.peak, pss), max(self.peak_rss, rss)
             self._stop.wait(self._interval)
 
     def __enter__(self):
@@ -97,7 +103,8 @@ def run_chapter(doc: str) -> dict:
         start = time.perf_counter()
         client.execute()
         seconds = time.perf_counter() - start
-    return {"chapter": doc, "seconds": round(seconds, 1), "peak_mb": round(memory.peak / 2**20)}
+    return {"chapter": doc, "seconds": round(seconds, 1), "peak_mb": round(memory.peak / 2**20),
+            "peak_rss_mb": round(memory.peak_rss / 2**20)}
 
 
 def readme_table(result: dict) -> str:
@@ -107,8 +114,9 @@ def readme_table(result: dict) -> str:
         lines.append(f"Clean build: {result['clean_build_s']:.0f} s (target {TARGETS['clean_build_s']} s); "
                      f"unchanged rebuild: {result['rebuild_s']:.1f} s (target {TARGETS['rebuild_s']} s); "
                      f"every page re-read with executions from the cache: {result['rebuild_all_s']:.1f} s.")
-    lines += ["", "| Page | Execution (s) | Peak memory (MB) |", "| --- | --- | --- |"]
-    lines += [f"| `{c['chapter']}` | {c['seconds']:.0f} | {c['peak_mb']} |" for c in result["chapters"]]
+    lines += ["", "| Page | Execution (s) | Peak memory, PSS (MB) | Peak summed RSS (MB) |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{c['chapter']}` | {c['seconds']:.0f} | {c['peak_mb']} | {c.get('peak_rss_mb', '')} |"
+              for c in result["chapters"]]
     return "\n".join(lines)
 
 
