@@ -2,8 +2,10 @@
 
 The helper must write parameters, per-epoch metrics, the data hash, the code version and package
 versions; the run must be findable by query and its model reloadable with identical predictions;
-``rerun.py`` must reproduce a run in a fresh process and refuse when the data changed. Every store
-is a temporary SQLite file; nothing goes to ``~`` or the repository.
+``rerun.py`` must reproduce a run in a fresh process and refuse when the data changed; a model
+served by alias from its own process (``serve_registry.py``) must answer what the kernel computes and
+pick up an alias move only when restarted. Every store is a temporary SQLite file; nothing goes to
+``~`` or the repository.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ CHAPTER = NOTEBOOKS / "03-track-experiments"
 digits = load_module(CHAPTER / "digits.py")
 tracking = load_module(CHAPTER / "tracking.py")
 install_size = load_module(CHAPTER / "install_size.py")
+serve_registry = load_module(CHAPTER / "serve_registry.py")
 mlflow = tracking.mlflow
 
 # MLflow's own SQLAlchemy store uses a deprecated loader option; nothing this chapter can fix.
@@ -222,3 +225,63 @@ def test_promotion_moves_the_alias_keeps_a_rollback_and_refuses_other_data(store
     assert np.array_equal(digits.predict(served, other_data["X_test"]),
                           digits.predict(theirs.model, other_data["X_test"]))
     assert client.get_model_version(name, v2).tags["promoted_to_champion"] == "override without a data check"
+
+
+# --- the hand-off to serving: a model served by alias from its own process ----------------------
+
+
+def running(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_alias_server_runs_mlflow_serve_locally_on_loopback_against_the_given_store(tmp_path):
+    server = serve_registry.AliasServer("sqlite:////tmp/x.db", "models:/m@champion", workdir=tmp_path)
+    cmd = server.command
+    assert cmd[:5] == [sys.executable, "-m", "mlflow", "models", "serve"]
+    assert cmd[cmd.index("-m", 3) + 1] == "models:/m@champion"
+    assert cmd[cmd.index("--env-manager") + 1] == "local", "another env manager would build and download"
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1" and int(cmd[cmd.index("--port") + 1]) == server.port
+    env = server.env
+    assert env["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/x.db" and env["MLFLOW_DISABLE_TELEMETRY"] == "true"
+    assert env["PATH"].split(os.pathsep)[0] == os.path.dirname(sys.executable), "uvicorn must be this env's"
+    assert env["TMPDIR"] == str(tmp_path) and server.log_path.parent == tmp_path
+    assert server.stop() == {"exit_code": None, "left": []}, "stopping a server never started is a no-op"
+
+
+@pytest.mark.slow
+def test_served_alias_answers_like_the_kernel_and_follows_the_alias_only_after_a_restart(store, experiment, data):
+    uri, folder = store
+    name, client = "test-served-model", mlflow.MlflowClient()
+    runs = [tracking.log_training_run(digits.Config(**FAST, seed=s), data, digits.train, experiment_id=experiment)
+            for s in (5, 6)]
+    v1, v2 = (tracking.register(r, name) for r in runs)
+    tracking.promote(client, name, v1, "first")
+    X = data["X_test"][:40]
+    expected = [digits.predict(r.model, X) for r in runs]
+    alias = f"models:/{name}@champion"
+    with serve_registry.AliasServer(uri, alias, workdir=folder) as server:
+        assert np.array_equal(server.predict(X), expected[0])
+        for bad in ({"inputs": X[:2, :63].tolist()}, b"{not json"):
+            assert 400 <= server.post(bad).status_code < 500
+        tracking.promote(client, name, v2, "second")
+        assert np.array_equal(server.predict(X), expected[0]), "a running server re-resolved the alias"
+        pids = server.processes()
+    assert len(pids) >= 1 and server.stop()["left"] == []
+    assert not any(running(pid) for pid in pids), f"server processes survived: {pids}"
+    with serve_registry.AliasServer(uri, alias, workdir=folder) as server:
+        assert np.array_equal(server.predict(X), expected[1]), "a restart did not pick up the moved alias"
+    assert server.stop()["left"] == []
+
+
+@pytest.mark.slow
+def test_serving_an_alias_that_does_not_exist_fails_the_start_and_leaves_nothing(store, tmp_path):
+    uri, _ = store
+    server = serve_registry.AliasServer(uri, "models:/no-such-model@champion", workdir=tmp_path)
+    with pytest.raises(RuntimeError, match="exited with"):
+        server.start(ready_timeout=60)
+    assert server.stop()["left"] == [] and server.proc.returncode not in (None, 0)
