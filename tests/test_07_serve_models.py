@@ -758,3 +758,61 @@ def test_the_guard_holds_on_httptools_and_uvloop_and_the_profile_is_written(serv
     assert code == -signal.SIGTERM and "Traceback" not in server.log_path.read_text(), server.log_tail()
     functions = {f[2] for f in pstats.Stats(str(tmp_path / "loop.prof")).stats}
     assert {"predict", "parse_json_fast", "data_received"} <= functions, sorted(functions)[:20]
+
+
+# --- Ray Serve beside the hand-built server (ray_serve_app.py) -----------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_serve_app():
+    return load_module(CHAPTER / "ray_serve_app.py", "gr_07_serve_models_ray_serve_app")
+
+
+def test_ray_serve_config_passes_rays_own_schema_and_a_local_folder_does_not(ray_serve_app, model_path):
+    """The cluster config the chapter writes is the one `serve deploy` accepts; the schema is not a
+    rubber stamp (a plain local working_dir, which deploy cannot ship, is refused)."""
+    from pydantic import ValidationError
+
+    config = ray_serve_app.serve_config(str(model_path), replicas=4)
+    checked = ray_serve_app.check_config(config)
+    app_config = checked["applications"][0]
+    assert app_config["import_path"] == "ray_serve_app:app_builder" and app_config["args"]["replicas"] == 4
+    assert app_config["deployments"][0]["max_ongoing_requests"] >= ray_serve_app.MAX_BATCH_ROWS  # batches can fill
+    broken = {**config, "applications": [{**config["applications"][0], "runtime_env": {"working_dir": "."}}]}
+    with pytest.raises(ValidationError):
+        ray_serve_app.check_config(broken)
+
+
+@pytest.mark.slow
+def test_ray_serve_answers_like_the_hand_built_server_and_leaves_no_process(ray_serve_app, model_path, meta, digits):
+    """Started as the chapter starts it: the same labels as ONNX Runtime in process (one request is one
+    model call, so exactly), a request larger than a batch answered too, the same 4xx messages as
+    app.py, and after stop() no process of that Ray node left and its session folder gone."""
+    import os
+
+    import httpx
+    import onnxruntime as ort
+    import psutil
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    expected = lambda x: session.run(None, {meta["input_name"]: x})[0].argmax(axis=1).tolist()  # noqa: E731
+    engine = ray_serve_app.RayServeProcess(model_path, replicas=1)
+    try:
+        ready = engine.start()
+        assert ready["replicas"] == 1 and httpx.get(f"{engine.url}/ready").json()["engine"] == "ray serve"
+        post = lambda body, kind: httpx.post(f"{engine.url}/predict", content=body, headers={"content-type": kind}, timeout=30)  # noqa: E731
+        for rows in (digits[:3], digits[:32], digits[:100]):  # 100 rows: more than one batch holds
+            reply = post(rows.astype("<f4").tobytes(), "application/octet-stream")
+            assert reply.status_code == 200 and reply.json()["labels"] == expected(rows), reply.text
+        assert reply.json()["model_version"] == meta["version"]
+        short = post(json.dumps({"instances": [digits[0].tolist()[:60]]}), "application/json")
+        assert short.status_code == 422 and short.json()["details"] == ["row 0 has 60 features; the model takes 64"], short.text
+        assert post("not json", "application/json").status_code == 400
+        assert post("instances=1", "application/x-www-form-urlencoded").status_code == 415
+        assert post((digits[:1] * 16).astype("<f4").tobytes(), "application/octet-stream").status_code == 422  # range
+        pids = {p.pid for p in engine.processes()}
+        assert len(pids) >= 5, pids  # gcs_server, raylet, controller, proxy, replica at least
+    finally:
+        stopped = engine.stop()
+    assert stopped["left_alive"] == [], stopped
+    assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in pids)
+    assert not os.path.exists(engine.temp_dir), engine.temp_dir
