@@ -406,6 +406,35 @@ def test_the_ring_all_reduce_sums_and_sends_2_p_minus_1_over_p_of_the_gradients(
     assert sent == 2 * (p - 1) * grads[0].numel(), "per worker: 2(p-1)/p of M"
 
 
+def test_the_cost_model_charges_the_ring_and_workers_beyond_the_cores():
+    ring = load_module(CHAPTER / "ring.py")
+    k = dict(a=2.0, c=0.1, alpha=0.5, beta=2.0, grad_bytes=8_000_000)  # M / beta = 4 ms
+
+    def step(p, cores):
+        return ring.step_ms(p, 512, cores=cores, **k)
+
+    assert step(1, 2) == pytest.approx((2.0 + 51.2, 0.0)), "one process pays no all-reduce"
+    assert step(2, 2) == pytest.approx((2.0 + 25.6, 2 * 0.5 + 4.0))
+    assert step(4, 4) == pytest.approx((2.0 + 12.8, 6 * 0.5 + 1.5 * 4.0))
+    assert step(4, 2) == pytest.approx((2 * (2.0 + 12.8), 6 * 0.5 + 1.5 * 4.0)), "2 workers per core"
+    assert sum(step(4, 2)) > sum(step(2, 2)), "on 2 cores, 4 workers lose to 2"
+
+
+@pytest.mark.slow
+def test_bench_ddp_at_four_workers_reports_what_the_chapter_reads():
+    small = ["--batches", 8, 16, "--hidden", 32, "--rounds", 1, "--steps", 1]
+    cmd = launch.torchrun("bench_ddp.py", *small, "--skip-buckets", "--cores", 2, nproc=4,
+                          launcher=launch.FORKED)  # as the chapter launches it
+    found = launch.run(cmd, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert (found["world"], found["threads"], found["cores"]) == (4, 1, min(2, allowed))
+    timed = [f"step_s_b{b}{s}" for b in (8, 16) for s in ("", "_no_sync")]
+    timed += ["allreduce_s_grad", "allreduce_s_small"]
+    assert all(found[key] > 0 for key in timed), {key: found.get(key) for key in timed}
+    assert not [key for key in found if key.startswith("deep_")], "--skip-buckets times no deep model"
+    assert len(set(found["pids"])) == 4 and launch.alive(found["pids"]) == []
+
+
 def test_activation_checkpointing_keeps_what_the_arithmetic_says():
     memory = load_module(CHAPTER / "memory.py")
     ac = memory.activation_checkpointing(0, rounds=1)

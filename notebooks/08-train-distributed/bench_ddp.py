@@ -1,4 +1,4 @@
-"""Time a training step: compute against all-reduce, bucket sizes, 1 against 2 processes.
+"""Time a training step: compute against all-reduce, bucket sizes, 1 against 2 and 4 processes.
 
 Why a file and not a cell: communication costs only exist between real worker processes,
 and a fair single-process baseline needs a fresh process that sets its own thread count.
@@ -13,6 +13,11 @@ Launch lines, from this folder:
     python bench_ddp.py --threads 1 2          # one process, 1 then 2 torch threads
     python -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \\
         --master-port 29500 bench_ddp.py       # 2 workers; torchrun sets OMP_NUM_THREADS=1
+    python -m torch.distributed.run --nproc-per-node 4 --master-addr 127.0.0.1 \\
+        --master-port 29500 bench_ddp.py --skip-buckets --cores 2   # 4 workers on 2 cores
+
+``--cores N`` pins every process to N of the cores it may use (Linux), so that "4 workers on
+2 cores" is the same experiment on a machine with more; the result reports the count in "cores".
 """
 
 from __future__ import annotations
@@ -39,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="DDP bucket_cap_mb values for the deep model (25: the default)")
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                    help="thread counts to time (single process only)")
+    p.add_argument("--skip-buckets", action="store_true",
+                   help="time only the wide model's steps and the two all-reduces (no deep model)")
+    p.add_argument("--cores", type=int, default=0,
+                   help="pin to this many of the allowed cores (Linux; 0: leave as started)")
     p.add_argument("--rounds", type=int, default=5, help="timed rounds per measurement")
     p.add_argument("--steps", type=int, default=4, help="steps per round")
     p.add_argument("--seed", type=int, default=0, help="seeds the models' weights and the inputs")
@@ -124,7 +133,24 @@ def bench_ddp(args, env, core) -> dict:
         fns[f"step_s_b{batch}_no_sync"] = step_fn(model, x, y, no_sync=True)
     found.update(time_rounds(fns, args, dist.barrier))
     n_params = sum(p.numel() for p in model.parameters())
-    x, y = x[: args.batches[0] // env.world], y[: args.batches[0] // env.world]
+    if not args.skip_buckets:
+        found.update(bench_buckets(args, env, core, x[: args.batches[0] // env.world],
+                                   y[: args.batches[0] // env.world]))
+    bufs = {name: torch.zeros(numel) for name, numel in (("grad", n_params), ("small", 1024))}
+    fns = {f"allreduce_s_{name}": (lambda b=b: dist.all_reduce(b)) for name, b in bufs.items()}
+    found.update(time_rounds(fns, args, dist.barrier))
+    pids = [None] * env.world
+    dist.all_gather_object(pids, os.getpid())
+    found.update(params=n_params, grad_bytes=4 * n_params, pids=pids,
+                 tensors=len(list(model.parameters())))
+    return found
+
+
+def bench_buckets(args, env, core, x, y) -> dict:
+    """The deep model's DDP step at each bucket cap, and the buckets DDP makes by default."""
+    import torch.distributed as dist
+
+    found = {}
     deeps = {cap: core.wrap(make_model(args, deep=True), env, bucket_cap_mb=cap)
              for cap in args.buckets}
     fns = {f"deep_step_s_bucket{cap:g}": step_fn(deep, x, y) for cap, deep in deeps.items()}
@@ -138,18 +164,23 @@ def bench_ddp(args, env, core) -> dict:
     step(), step()  # the buckets are rebuilt, in gradient order, at the second step
     buckets = default.reducer._get_zeros_like_grad_buckets()
     found["deep_bucket_bytes_default"] = [b.buffer().numel() * b.buffer().element_size() for b in buckets]
-    bufs = {name: torch.zeros(numel) for name, numel in (("grad", n_params), ("small", 1024))}
-    fns = {f"allreduce_s_{name}": (lambda b=b: dist.all_reduce(b)) for name, b in bufs.items()}
-    found.update(time_rounds(fns, args, dist.barrier))
-    pids = [None] * env.world
-    dist.all_gather_object(pids, os.getpid())
-    found.update(params=n_params, grad_bytes=4 * n_params, pids=pids,
-                 tensors=len(list(model.parameters())))
     return found
+
+
+def pin_cores(n: int) -> int:
+    """Keep this process (and the threads it starts later) on the first ``n`` cores it may
+    use; return how many it may use now. Without ``os.sched_setaffinity`` (macOS), all."""
+    if not hasattr(os, "sched_setaffinity"):
+        return os.cpu_count() or 1
+    allowed = sorted(os.sched_getaffinity(0))
+    if n > 0:
+        os.sched_setaffinity(0, allowed[:n])
+    return len(os.sched_getaffinity(0))
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)  # before the heavy imports, so --help answers at once
+    cores = pin_cores(args.cores)  # before torch starts any thread
     sys.path.insert(0, str(HERE))
     import ddp_core as core
     import torch
@@ -158,9 +189,9 @@ def main(argv=None) -> dict:
     torch.manual_seed(args.seed)  # the inputs; the same on every rank
     try:
         if env.world == 1:
-            result = {"world": 1, **bench_single(args), "pids": [os.getpid()]}
+            result = {"world": 1, "cores": cores, **bench_single(args), "pids": [os.getpid()]}
         else:
-            result = {"world": env.world, **bench_ddp(args, env, core)}
+            result = {"world": env.world, "cores": cores, **bench_ddp(args, env, core)}
         if env.rank == 0:
             print(json.dumps(result), flush=True)
         return result

@@ -19,6 +19,11 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 STARTED: list[int] = []  # pid of every process start() launched, to check they are gone
+#: torchrun flags that fork the workers from the launcher, which imported torch once, instead of
+#: starting a fresh interpreter per worker: the workers share those pages until they write them.
+#: A forked worker keeps the launcher's torch thread count, so start the launcher itself with
+#: OMP_NUM_THREADS set (torchrun sets it only for the workers it starts fresh).
+FORKED = ("--run-path", "--start-method=fork")
 
 
 def free_port() -> int:
