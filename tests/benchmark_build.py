@@ -125,7 +125,8 @@ def update_readme(result: dict) -> None:
     text = readme.read_text()
     text = re.sub(r"(<!-- benchmark:start -->\n).*?(\n<!-- benchmark:end -->)",
                   lambda m: m.group(1) + readme_table(result) + m.group(2), text, flags=re.S)
-    seconds = {Path(c["chapter"]).parts[1]: c["seconds"] for c in result["chapters"] if c["chapter"].startswith("notebooks/")}
+    seconds = {Path(c["chapter"]).parts[1]: c["seconds"] for c in result["chapters"]  # a chapter's own page, not
+               if re.fullmatch(r"notebooks/([^/]+)/\1", c["chapter"])}  # a further page such as 07's Ray Serve
     rows = []
     for line in text.splitlines():
         cells = line.split("|")

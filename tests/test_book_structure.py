@@ -58,8 +58,24 @@ def chapter_sources() -> list[Path]:
     return [d / f"{d.name}.md" for d in chapter_dirs()]
 
 
+def is_chapter_entry(entry: str) -> bool:
+    parts = Path(entry).parts
+    return len(parts) == 3 and parts[2] == parts[1]
+
+
 def toc_chapters() -> list[str]:
-    return [f for f in toc_files() if f.startswith("notebooks/")]
+    """The chapters' own pages (notebooks/NN-slug/NN-slug), in TOC order."""
+    return [f for f in toc_files() if f.startswith("notebooks/") and is_chapter_entry(f)]
+
+
+def toc_chapter_pages() -> list[str]:
+    """Further pages of a chapter (notebooks/NN-slug/other-page): sections of the chapter in the TOC."""
+    return [f for f in toc_files() if f.startswith("notebooks/") and not is_chapter_entry(f)]
+
+
+def page_sources() -> list[Path]:
+    """Every page that follows the chapter template: the chapters, their further pages, the template."""
+    return [*chapter_sources(), *(ROOT / f"{f}.md" for f in toc_chapter_pages()), TEMPLATE]
 
 
 def headings(text: str) -> list[tuple[int, str]]:
@@ -98,6 +114,29 @@ def test_toc_and_chapter_folders_agree():
     assert set(listed) - on_disk == set()
 
 
+def test_a_further_page_of_a_chapter_is_a_section_of_it():
+    """A chapter that outgrows its time budget may split off a page (07 keeps Ray Serve on its own page):
+    the page lives in the chapter's folder and is a section of the chapter's entry in _toc.yml."""
+    import yaml
+
+    sections: dict[str, list[str]] = {}
+
+    def walk(entries):
+        for entry in entries or []:
+            if "file" in entry:
+                sections[entry["file"]] = [s.get("file") for s in entry.get("sections") or []]
+            walk(entry.get("sections"))
+
+    for part in yaml.safe_load((ROOT / "_toc.yml").read_text()).get("parts", []):
+        walk(part.get("chapters"))
+    for page in toc_chapter_pages():
+        parts = Path(page).parts
+        assert len(parts) == 3 and CHAPTER_DIR.match(parts[1]) and not CHAPTER_DIR.match(parts[2]), (
+            f"{page}: a further page lives at notebooks/NN-verb-slug/verb-slug (no number of its own)")
+        chapter = f"notebooks/{parts[1]}/{parts[1]}"
+        assert page in sections.get(chapter, []), f"{page}: list it in _toc.yml as a section of {chapter}"
+
+
 def test_folder_numbers_follow_toc_order():
     numbers = [int(Path(f).parts[1][:2]) for f in toc_chapters()]
     assert numbers == sorted(set(numbers)), f"chapter numbers in TOC order are {numbers}; NN is the place in the TOC"
@@ -108,7 +147,7 @@ def test_template_is_not_in_toc():
     assert not any("_template" in f for f in toc_files())
 
 
-@pytest.mark.parametrize("source", [*chapter_sources(), TEMPLATE], ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("source", page_sources(), ids=lambda p: str(p.relative_to(NOTEBOOKS)))
 def test_chapter_has_label_title_and_template_sections(source: Path):
     text = source.read_text()
     found = headings(text)
@@ -118,8 +157,11 @@ def test_chapter_has_label_title_and_template_sections(source: Path):
     toks = [t for t in tokens(text) if t.type != "front_matter"]
     first_h1 = next(i for i, t in enumerate(toks) if t.type == "heading_open" and t.tag == "h1")
     label = toks[first_h1 - 1] if first_h1 else None
-    assert label is not None and label.type == "myst_target" and label.content == f"ch-{slug}", (
-        f"{source.name}: the label (ch-{slug})= must sit right above the title")
+    own = source.stem == source.parent.name or source == TEMPLATE  # a chapter's page, not a further page
+    wanted = f"ch-{slug}" if own else f"{slug.split('-')[0]}-"  # a further page: a label of its chapter's family
+    assert label is not None and label.type == "myst_target" and (
+        label.content == wanted if own else label.content.startswith(wanted)), (
+        f"{source.name}: the label ({wanted}{'' if own else '...'})= must sit right above the title")
     sections = [t for level, t in found if level == 2]
     positions = []
     for name in REQUIRED_SECTIONS:
@@ -130,7 +172,7 @@ def test_chapter_has_label_title_and_template_sections(source: Path):
     assert steps, f"{source.name}: no step sections between 'Set up' and 'What to take away'"
 
 
-@pytest.mark.parametrize("source", [*chapter_sources(), TEMPLATE], ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("source", page_sources(), ids=lambda p: str(p.relative_to(NOTEBOOKS)))
 def test_chapter_starts_with_the_environment_handshake(source: Path):
     import ast
 
