@@ -129,6 +129,30 @@ def test_first_nan_names_the_log_of_a_zero_probability():
     assert dt.first_nan(nn.Linear(1, 3), nn.functional.cross_entropy, batch, 1e-3, 3) is None
 
 
+def test_pdb_session_pairs_each_command_with_what_pdb_printed(tmp_path):
+    script = tmp_path / "stops.py"
+    script.write_text("x = 41\nbreakpoint()\nprint('after the debugger')\n")
+    session = dt.pdb_session(script, [], ["p x + 1", "p 'two words'", "c"])
+    assert session["returncode"] == 0 and session["stopped_at"].startswith("> stops.py(3)")
+    assert session["answers"] == {"p x + 1": "42", "p 'two words'": "'two words'", "c": "after the debugger"}
+    assert session["transcript"].splitlines()[2:4] == ["(Pdb) p x + 1", "42"], session["transcript"]
+    script.write_text("print('no breakpoint here')\n")
+    with pytest.raises(RuntimeError, match="never reached the debugger"):
+        dt.pdb_session(script, [], ["c"])
+
+
+@pytest.mark.slow
+def test_find_nan_stops_only_where_a_nan_gradient_is_born():
+    """With breakpoints off the script runs straight through: status 1 at the chapter's NaN (lr 0.03),
+    status 0 and a message at a rate too small to make one in a few steps."""
+    env = {**__import__("os").environ, "PYTHONBREAKPOINT": "0"}
+    run = lambda *args: subprocess.run([sys.executable, "find_nan.py", *args], cwd=CHAPTER, env=env,
+                                       capture_output=True, text=True, timeout=120)
+    nan, calm = run("--seed", str(SEED)), run("--lr", "1e-5", "--steps", "5", "--seed", str(SEED))
+    assert nan.returncode == 1 and "LogBackward" in nan.stderr, nan.stderr[-2000:]
+    assert calm.returncode == 0 and "no NaN gradient in 5 steps" in calm.stdout, calm.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_scripts_run_as_their_own_processes(tmp_path):
     """Both scripts run as processes with the book's seed: each prints what ``run()`` returns in this

@@ -217,6 +217,26 @@ def first_nan(model: nn.Module, loss_fn, loader, lr: float, max_steps: int) -> N
     return None
 
 
+def pdb_session(script: Path, args: list[str], commands: list[str], timeout: float = 120.0) -> dict:
+    """Run ``script`` as its own Python process and answer its debugger's prompts with ``commands``
+    on stdin: a real pdb session, scripted. Returns the exit status, where pdb stopped, and each
+    command with what pdb printed for it (stdin is not echoed, so the pairs are rebuilt here)."""
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(script), *args], input="\n".join(commands) + "\n",
+                          capture_output=True, text=True, timeout=timeout, cwd=Path(script).parent,
+                          env={**os.environ, "PYTHONBREAKPOINT": "pdb.set_trace"})  # a reader's 0 would skip it
+    before, *answers = done.stdout.replace(str(Path(script).resolve().parent) + os.sep, "").split("(Pdb) ")
+    if not answers:
+        raise RuntimeError(f"{Path(script).name} never reached the debugger ({done.returncode}):\n{done.stderr[-2000:]}")
+    stopped = before[before.rfind("\n> ") + 1:] if "\n> " in before else before[before.find("> "):]
+    pairs = [(cmd, out.rstrip("\n")) for cmd, out in zip(commands, answers)]
+    transcript = stopped + "".join(f"(Pdb) {cmd}\n{out}\n" if out else f"(Pdb) {cmd}\n" for cmd, out in pairs)
+    return {"returncode": done.returncode, "stopped_at": stopped.strip(), "answers": dict(pairs),
+            "transcript": transcript.rstrip("\n")}
+
+
 def _forward_line(caught) -> str:
     """The innermost frame of the forward traceback that anomaly mode attaches as a warning."""
     for w in caught:
