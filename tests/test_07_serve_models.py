@@ -14,6 +14,7 @@ import json
 import math
 import signal
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -780,6 +781,26 @@ def test_ray_serve_config_passes_rays_own_schema_and_a_local_folder_does_not(ray
     broken = {**config, "applications": [{**config["applications"][0], "runtime_env": {"working_dir": "."}}]}
     with pytest.raises(ValidationError):
         ray_serve_app.check_config(broken)
+
+
+def test_ray_start_finds_the_ray_command_in_a_venv_and_where_pip_put_it(ray_serve_app, monkeypatch, tmp_path):
+    """In a virtual environment `ray` sits beside Python (its bin/ need not be on PATH); in Colab
+    Python is /usr/bin/python3 and pip puts `ray` in /usr/local/bin, on PATH. Both are found, and a
+    missing `ray` is named, not a FileNotFoundError from deep inside subprocess."""
+    import sys
+
+    venv_ray = Path(sys.executable).parent / "ray"
+    assert ray_serve_app.ray_start_command(6379, str(tmp_path))[0] == str(venv_ray)
+    system_bin, scripts = tmp_path / "usr-bin", tmp_path / "usr-local-bin"
+    system_bin.mkdir(), scripts.mkdir()
+    (scripts / "ray").write_text("#!/bin/sh\n"), (scripts / "ray").chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(system_bin / "python3"))
+    monkeypatch.setenv("PATH", str(scripts))
+    command = ray_serve_app.ray_start_command(6379, str(tmp_path))
+    assert command[0] == str(scripts / "ray") and command[1:3] == ["start", "--head"], command
+    monkeypatch.setenv("PATH", str(system_bin))
+    with pytest.raises(RuntimeError, match="no `ray` command"):
+        ray_serve_app.ray_start_command(6379, str(tmp_path))
 
 
 @pytest.mark.slow

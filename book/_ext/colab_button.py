@@ -1,4 +1,4 @@
-"""Sphinx extension: an "Open in Colab" entry in every chapter's launch menu.
+"""Sphinx extension: an "Open in Colab" entry in the launch menu of every chapter page.
 
 Colab opens ``.ipynb`` files from GitHub, and the chapters are MyST Markdown, so sphinx-book-theme
 shows no Colab button for them (its ``colab_url`` would point at the ``.md``, on the branch Binder
@@ -14,12 +14,13 @@ import re
 from urllib.parse import urlsplit
 
 COLAB = "https://colab.research.google.com"
-#: The pages that get a notebook and a button: the chapters, ``notebooks/NN-slug/NN-slug``.
-CHAPTER = re.compile(r"^notebooks/(\d\d-[a-z0-9-]+)/\1$")
+#: The pages that get a notebook and a button: every page in a chapter's folder, the chapter
+#: (``notebooks/NN-slug/NN-slug``) and its further pages (``notebooks/NN-slug/other-page``).
+CHAPTER_PAGE = re.compile(r"^notebooks/\d\d-[a-z0-9-]+/[a-z0-9][a-z0-9-]*$")
 
 
 def is_chapter(docname: str) -> bool:
-    return CHAPTER.match(docname) is not None
+    return CHAPTER_PAGE.match(docname) is not None
 
 
 def colab_url(repository_url: str, branch: str, docname: str) -> str:

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import sys
 import tempfile
@@ -185,7 +186,12 @@ def ray_start_command(gcs_port: int, temp_dir: str, num_cpus: int = 2) -> list[s
     no usage stats, every port on 127.0.0.1 picked free (52365 and 10001 are Ray's fixed defaults). It
     returns once the node is up; its processes run on without it (``--block`` would keep a 150 MiB
     Python process alive only to watch them)."""
-    ray_cli = str(Path(sys.executable).parent / "ray")
+    # Beside this Python in a virtual environment (whose bin/ may not be on PATH); on PATH where pip
+    # puts scripts elsewhere (Colab: /usr/bin/python3, /usr/local/bin/ray).
+    beside = Path(sys.executable).parent / "ray"
+    ray_cli = str(beside) if beside.is_file() else shutil.which("ray")
+    if ray_cli is None:
+        raise RuntimeError(f"no `ray` command beside {sys.executable} or on PATH: pip install ray[serve]")
     return [ray_cli, "start", "--head", "--node-ip-address", HOST, "--port", str(gcs_port),
             "--num-cpus", str(num_cpus), "--include-dashboard=false", "--no-monitor", "--include-log-monitor=false",
             "--disable-usage-stats", "--temp-dir", temp_dir, "--ray-client-server-port", str(free_port()),
