@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import ast
 import json
+import re
 import subprocess
 import sys
 from importlib import metadata
@@ -80,7 +81,8 @@ def colab_branch() -> str:
 
 
 def chapters() -> list[str]:
-    """The chapters, in reading order, as TOC paths (``notebooks/NN-slug/NN-slug``)."""
+    """The chapter pages, in reading order, as TOC paths: each chapter (``notebooks/NN-slug/NN-slug``)
+    and its further pages (``notebooks/NN-slug/other-page``)."""
     from colab_button import is_chapter
     from conftest import notebook_docs
 
@@ -96,15 +98,19 @@ def url(doc: str) -> str:
 # What a chapter needs --------------------------------------------------------------------------
 
 
-def imported_modules(source: str) -> set[str]:
-    """Top-level names of the modules ``source`` imports (IPython magics and shell lines dropped)."""
+def parse_code(source: str) -> ast.Module:
+    """A code cell or file as Python (IPython magics and shell lines dropped); empty if it is not Python."""
     lines = [line for line in source.splitlines() if not line.lstrip().startswith(("%", "!"))]
     try:
-        tree = ast.parse("\n".join(lines))
+        return ast.parse("\n".join(lines))
     except SyntaxError:
-        return set()
+        return ast.Module(body=[], type_ignores=[])
+
+
+def imported_modules(source: str) -> set[str]:
+    """Top-level names of the modules ``source`` imports."""
     found = set()
-    for node in ast.walk(tree):
+    for node in ast.walk(parse_code(source)):
         if isinstance(node, ast.Import):
             found.update(alias.name.split(".")[0] for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -112,33 +118,84 @@ def imported_modules(source: str) -> set[str]:
     return found
 
 
+#: A companion file of another chapter, loaded by path (``Path("..") / "06-compile-and-optimize" / "export_model.py"``).
+OTHER_CHAPTER_FILE = re.compile(r"""["'](\d\d-[a-z0-9-]+)["']\s*/\s*["']([A-Za-z0-9_]+\.py)["']""")
+
+
 def chapter_sources(doc: str) -> list[str]:
-    """The chapter's code cells, its companion Python files and the book's shared code."""
+    """The chapter's code cells, its companion Python files, the companion files of other chapters it
+    loads by path (chapter 07 exports its model with chapter 06's ``export_model.py``), and the
+    book's shared code."""
     import jupytext
 
     page = ROOT / f"{doc}.md"
     cells = [c.source for c in jupytext.read(page).cells if c.cell_type == "code"]
-    files = [p.read_text() for p in sorted(page.parent.glob("*.py"))]
+    files = sorted(page.parent.glob("*.py"))
     shared = [p.read_text() for p in sorted((ROOT / "notebooks" / "_shared").glob("*.py"))]
-    return cells + files + shared
+    found, todo = set(files), [*cells, *(p.read_text() for p in files)]
+    sources = list(todo)
+    while todo:
+        for folder, name in OTHER_CHAPTER_FILE.findall(todo.pop()):
+            path = ROOT / "notebooks" / folder / name
+            if path.is_file() and path not in found:
+                found.add(path)
+                todo.append(path.read_text())
+                sources.append(todo[-1])
+    return sources + shared
 
 
-def locked_closure(names: set[str], pins: dict[str, str]) -> dict[str, str]:
-    """``names`` (distributions) and everything they require, as far as the lock pins them."""
+def handshake_packages(doc: str) -> set[str]:
+    """The packages the chapter's environment handshake names (``check_environment("onnxscript")``):
+    some are never imported by the chapter's code (torch imports onnxscript, uvicorn httptools)."""
+    import jupytext
+
+    named = set()
+    for cell in jupytext.read(ROOT / f"{doc}.md").cells:
+        if cell.cell_type != "code":
+            continue
+        for node in ast.walk(parse_code(cell.source)):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "check_environment":
+                named.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    return named
+
+
+def declared_extras() -> dict[str, set[str]]:
+    """The extras the book installs a package with (``ray[serve]``), as ``binder/ranges.txt`` names them."""
     from _shared.env_check import normalize
     from packaging.requirements import Requirement
 
-    todo, seen = [normalize(n) for n in names], set()
+    found = {}
+    for line in (ROOT / "binder" / "ranges.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line and (req := Requirement(line)).extras:
+            found[normalize(req.name)] = set(req.extras)
+    return found
+
+
+def locked_closure(names: set[str], pins: dict[str, str], extras: dict[str, set[str]] | None = None) -> dict[str, str]:
+    """``names`` (distributions) and everything they require, as far as the lock pins them; with a
+    package's ``extras`` (``{"ray": {"serve"}}``) what those extras require too, or Colab would get
+    ``ray`` without what ``ray.serve`` imports."""
+    from _shared.env_check import normalize
+    from packaging.requirements import Requirement
+
+    wanted = {name: set(e) for name, e in (extras or {}).items()}
+    todo, done = [normalize(n) for n in names], {}
     while todo:
         name = todo.pop()
-        if name in seen or name not in pins:
+        if name not in pins:
             continue
-        seen.add(name)
+        new = ({""} | wanted.get(name, set())) - done.get(name, set())
+        if not new:
+            continue
+        done.setdefault(name, set()).update(new)
         for line in metadata.requires(name) or []:
             req = Requirement(line)
-            if req.marker is None or req.marker.evaluate({"extra": ""}):
-                todo.append(normalize(req.name))
-    return {name: pins[name] for name in sorted(seen)}
+            if req.marker is None or any(req.marker.evaluate({"extra": extra}) for extra in new):
+                dependency = normalize(req.name)
+                wanted.setdefault(dependency, set()).update(req.extras)
+                todo.append(dependency)
+    return {name: pins[name] for name in sorted(done)}
 
 
 def chapter_pins(doc: str) -> dict[str, str]:
@@ -148,8 +205,8 @@ def chapter_pins(doc: str) -> dict[str, str]:
     pins = parse_pins((ROOT / "requirements.txt").read_text())
     modules = set().union(*(imported_modules(s) for s in chapter_sources(doc)))
     providers = metadata.packages_distributions()
-    dists = {d for m in modules for d in providers.get(m, [])}
-    return locked_closure(dists, pins)
+    dists = {d for m in modules for d in providers.get(m, [])} | handshake_packages(doc)
+    return locked_closure(dists, pins, declared_extras())
 
 
 # The notebooks ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import jupytext
 import nbformat
 import pytest
 from bs4 import BeautifulSoup
-from conftest import ROOT
+from conftest import ROOT, notebook_docs
 
 import colab
 
@@ -95,6 +95,52 @@ def test_in_colab_the_setup_cell_clones_the_commit_and_installs_only_what_is_mis
     done = run_setup(lacking, tmp_path, colab_kernel=True, env={**redirect, "PIP_NO_INDEX": "1"})
     assert "Installing what Colab lacks: gradient-rage-absent==1.0\n" in done.stdout, done.stdout
     assert done.returncode != 0 and "gradient-rage-absent" in done.stderr, done.stderr[-1000:]
+
+
+def test_every_notebook_page_of_a_chapter_gets_a_notebook():
+    # A chapter's further page (07's Ray Serve page) is read and run like the chapter itself.
+    pages = [doc for doc in notebook_docs() if doc.startswith("notebooks/")]
+    assert colab.chapters() == pages, f"pages without a Colab notebook: {sorted(set(pages) - set(colab.chapters()))}"
+    assert any(Path(doc).name != Path(doc).parent.name for doc in pages), "no further page left to check"
+
+
+@pytest.mark.parametrize("doc", colab.chapters())
+def test_the_setup_cell_pins_every_package_the_handshake_names(doc):
+    """What the chapter's first cell checks is what Colab installs: some of it is never imported by
+    the chapter's code (torch's exporter imports onnxscript, uvicorn imports httptools)."""
+    from _shared.env_check import normalize
+
+    named = {normalize(name) for name in colab.handshake_packages(doc)}
+    pins = colab.chapter_pins(doc)
+    assert named <= pins.keys(), f"{doc}: the handshake names {sorted(named - pins.keys())}, the setup cell would not install them"
+
+
+def test_a_page_gets_what_the_files_of_another_chapter_it_loads_import():
+    """Chapter 07 exports its model with chapter 06's export_model.py, loaded by path; in Colab that
+    file needs onnx and onnxscript, which no file of chapter 07 imports."""
+    for doc in ("notebooks/07-serve-models/07-serve-models", "notebooks/07-serve-models/serve-with-ray"):
+        sources = colab.chapter_sources(doc)
+        assert (ROOT / "notebooks/06-compile-and-optimize/export_model.py").read_text() in sources, doc
+        assert {"onnx", "onnxscript"} <= colab.chapter_pins(doc).keys(), doc
+
+
+def test_a_page_gets_the_extras_the_book_installs_its_packages_with():
+    """Ray Serve's page on Colab needs ``ray[serve]``, not bare ``ray``: every locked package that the
+    ``serve`` extra requires is in its setup cell's pins (aiohttp, starlette's server stack...)."""
+    from importlib import metadata
+
+    from _shared.env_check import normalize, parse_pins
+    from packaging.requirements import Requirement
+
+    assert colab.declared_extras().get("ray") == {"serve"}, colab.declared_extras()
+    locked = parse_pins((ROOT / "requirements.txt").read_text())
+    serve_only = {normalize(r.name) for r in map(Requirement, metadata.requires("ray"))
+                  if r.marker and r.marker.evaluate({"extra": "serve"}) and not r.marker.evaluate({"extra": ""})}
+    needed = serve_only & locked.keys()
+    assert {"aiohttp", "starlette"} <= needed, sorted(needed)
+    pins = colab.chapter_pins("notebooks/07-serve-models/serve-with-ray")
+    assert needed <= pins.keys(), f"ray[serve] needs these, the setup cell would not install them: {sorted(needed - pins.keys())}"
+    assert all(pins[name] == locked[name] for name in pins), "a pin differs from the lock"
 
 
 def test_every_chapter_page_has_a_colab_button_pointing_at_its_notebook(html):

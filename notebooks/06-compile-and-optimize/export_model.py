@@ -150,6 +150,7 @@ def export_onnx(model, path: Path) -> Path:
     import logging
     import warnings
 
+    import onnxscript  # noqa: F401  the dynamo exporter needs it; imported here, a missing one is named
     import torch
     from torch.export import Dim
 
