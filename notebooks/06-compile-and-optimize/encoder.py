@@ -136,27 +136,13 @@ def train_model(tokens, labels, *, epochs: int = EPOCHS, batch_size: int = 64, l
 
 
 def export_onnx(model, path: Path) -> Path:
-    """The encoder as one self-contained ONNX file, int64 tokens ``[batch, SEQ]`` in, logits out."""
-    import logging
-    import warnings
-
+    """The encoder as one self-contained ONNX file, int64 tokens ``[batch, SEQ]`` in, logits out,
+    written by chapter 06's exporter (``export_model.export_onnx``)."""
     import torch
-    from torch.export import Dim
 
     example = torch.zeros(2, SEQ, dtype=torch.int64)
-    registration = logging.getLogger("torch.onnx._internal.exporter._registration")
-    level = registration.level
-    registration.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
-            program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                dynamic_shapes=({0: Dim("batch")},), verbose=False)
-    finally:
-        registration.setLevel(level)
-    program.save(str(path), external_data=False)
-    return Path(path)
+    return Path(_export_model().export_onnx(model, path, example=example, input_name=INPUT_NAME,
+                                            output_name=OUTPUT_NAME))
 
 
 class CalibrationReader:

@@ -141,10 +141,13 @@ def fit_one_thread(model, optimizer, X_train, y_train, *, epochs: int, batch_siz
     return model.eval()
 
 
-def export_onnx(model, path: Path) -> Path:
+def export_onnx(model, path: Path, example=None, input_name: str = INPUT_NAME,
+                output_name: str = OUTPUT_NAME) -> Path:
     """``torch.export`` the model to one self-contained ONNX file with a dynamic batch dimension.
 
-    The dynamo exporter writes weights to ``<name>.onnx.data`` beside the model unless told not to;
+    ``example`` is one input the model takes, its first dimension the batch (default: two rows of
+    zeros as wide as the MLP's first layer; the encoder passes its int64 tokens). The dynamo exporter
+    writes weights to ``<name>.onnx.data`` beside the model unless told not to;
     ``external_data=False`` keeps one file (fine below 2 GB), which is what a server wants to load.
     """
     import logging
@@ -155,7 +158,7 @@ def export_onnx(model, path: Path) -> Path:
     from torch.export import Dim
 
     path = Path(path)
-    example = torch.zeros(2, model.fc1.in_features)
+    example = torch.zeros(2, model.fc1.in_features) if example is None else example
     # torch's exporter logs that torchvision ops are unavailable and trips a FutureWarning inside
     # torch's own pytree code; neither concerns this model, so both are silenced here, narrowly.
     registration = logging.getLogger("torch.onnx._internal.exporter._registration")
@@ -165,7 +168,7 @@ def export_onnx(model, path: Path) -> Path:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r".*LeafSpec.*", category=FutureWarning)
             program = torch.onnx.export(
-                model, (example,), dynamo=True, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                model, (example,), dynamo=True, input_names=[input_name], output_names=[output_name],
                 dynamic_shapes=({0: Dim("batch")},), verbose=False)
     finally:
         registration.setLevel(level)
