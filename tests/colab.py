@@ -123,24 +123,26 @@ OTHER_CHAPTER_FILE = re.compile(r"""["'](\d\d-[a-z0-9-]+)["']\s*/\s*["']([A-Za-z
 
 
 def chapter_sources(doc: str) -> list[str]:
-    """The chapter's code cells, its companion Python files, the companion files of other chapters it
-    loads by path (chapter 07 exports its model with chapter 06's ``export_model.py``), and the
-    book's shared code."""
+    """The page's code cells, the companion files it uses (named in its code or in a file it uses:
+    ``import server_process``, ``"app:app"``, ``HERE / "guard.py"``), the companion files of other
+    chapters it loads by path (chapter 07 exports its model with chapter 06's ``export_model.py``),
+    and the book's shared code. A file of the folder that only another page uses is left out, so
+    chapter 07 in Colab does not install Ray for its Ray Serve page."""
     import jupytext
 
     page = ROOT / f"{doc}.md"
-    cells = [c.source for c in jupytext.read(page).cells if c.cell_type == "code"]
-    files = sorted(page.parent.glob("*.py"))
-    shared = [p.read_text() for p in sorted((ROOT / "notebooks" / "_shared").glob("*.py"))]
-    found, todo = set(files), [*cells, *(p.read_text() for p in files)]
-    sources = list(todo)
+    todo = [c.source for c in jupytext.read(page).cells if c.cell_type == "code"]
+    sources, taken, folder = list(todo), set(), sorted(page.parent.glob("*.py"))
     while todo:
-        for folder, name in OTHER_CHAPTER_FILE.findall(todo.pop()):
-            path = ROOT / "notebooks" / folder / name
-            if path.is_file() and path not in found:
-                found.add(path)
+        source = todo.pop()
+        used = [path for path in folder if re.search(rf"\b{re.escape(path.stem)}\b", source)]
+        used += [ROOT / "notebooks" / other / name for other, name in OTHER_CHAPTER_FILE.findall(source)]
+        for path in used:
+            if path.is_file() and path not in taken:
+                taken.add(path)
                 todo.append(path.read_text())
                 sources.append(todo[-1])
+    shared = [p.read_text() for p in sorted((ROOT / "notebooks" / "_shared").glob("*.py"))]
     return sources + shared
 
 

@@ -124,6 +124,24 @@ def test_a_page_gets_what_the_files_of_another_chapter_it_loads_import():
         assert {"onnx", "onnxscript"} <= colab.chapter_pins(doc).keys(), doc
 
 
+def test_a_page_does_not_install_what_only_another_page_of_its_folder_uses():
+    """ray_serve_app.py sits in chapter 07's folder, but only the Ray Serve page runs it: chapter 07
+    in Colab installs no Ray."""
+    chapter, ray_page = "notebooks/07-serve-models/07-serve-models", "notebooks/07-serve-models/serve-with-ray"
+    ray_app = (ROOT / "notebooks/07-serve-models/ray_serve_app.py").read_text()
+    assert ray_app not in colab.chapter_sources(chapter) and "ray" not in colab.chapter_pins(chapter)
+    assert ray_app in colab.chapter_sources(ray_page) and "ray" in colab.chapter_pins(ray_page)
+
+
+def test_every_companion_file_is_found_by_a_page_of_its_chapter():
+    """A file is installed for when a page names it; every companion file is named by some page of
+    its chapter (one that none names is dead, or run in a way this rule cannot see)."""
+    for folder in sorted({Path(doc).parent for doc in colab.chapters()}):
+        used = set().union(*(colab.chapter_sources(doc) for doc in colab.chapters() if Path(doc).parent == folder))
+        unused = [p.name for p in sorted((ROOT / folder).glob("*.py")) if p.read_text() not in used]
+        assert unused == [], f"{folder}: no page names {unused}, so Colab would not install what they import"
+
+
 def test_a_page_gets_the_extras_the_book_installs_its_packages_with():
     """Ray Serve's page on Colab needs ``ray[serve]``, not bare ``ray``: every locked package that the
     ``serve`` extra requires is in its setup cell's pins (aiohttp, starlette's server stack...)."""
