@@ -146,18 +146,13 @@ def chapter_sources(doc: str) -> list[str]:
     return sources + shared
 
 
-def handshake_packages(doc: str) -> set[str]:
-    """The packages the chapter's environment handshake names (``check_environment("onnxscript")``):
+def handshake_packages(sources: list[str]) -> set[str]:
+    """The packages the environment handshake in ``sources`` names (``check_environment("onnxscript")``):
     some are never imported by the chapter's code (torch imports onnxscript, uvicorn httptools)."""
-    import jupytext
-
     named = set()
-    for cell in jupytext.read(ROOT / f"{doc}.md").cells:
-        if cell.cell_type != "code":
-            continue
-        for node in ast.walk(parse_code(cell.source)):
-            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "check_environment":
-                named.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
+    for node in (node for source in sources for node in ast.walk(parse_code(source))):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) == "check_environment":
+            named.update(a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str))
     return named
 
 
@@ -205,9 +200,10 @@ def chapter_pins(doc: str) -> dict[str, str]:
     from _shared.env_check import parse_pins
 
     pins = parse_pins((ROOT / "requirements.txt").read_text())
-    modules = set().union(*(imported_modules(s) for s in chapter_sources(doc)))
+    sources = chapter_sources(doc)
+    modules = set().union(*(imported_modules(s) for s in sources))
     providers = metadata.packages_distributions()
-    dists = {d for m in modules for d in providers.get(m, [])} | handshake_packages(doc)
+    dists = {d for m in modules for d in providers.get(m, [])} | handshake_packages(sources)
     return locked_closure(dists, pins, declared_extras())
 
 

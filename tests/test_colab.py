@@ -110,7 +110,7 @@ def test_the_setup_cell_pins_every_package_the_handshake_names(doc):
     the chapter's code (torch's exporter imports onnxscript, uvicorn imports httptools)."""
     from _shared.env_check import normalize
 
-    named = {normalize(name) for name in colab.handshake_packages(doc)}
+    named = {normalize(name) for name in colab.handshake_packages(colab.chapter_sources(doc))}
     pins = colab.chapter_pins(doc)
     assert named <= pins.keys(), f"{doc}: the handshake names {sorted(named - pins.keys())}, the setup cell would not install them"
 

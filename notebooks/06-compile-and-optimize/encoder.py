@@ -141,8 +141,8 @@ def export_onnx(model, path: Path) -> Path:
     import torch
 
     example = torch.zeros(2, SEQ, dtype=torch.int64)
-    return Path(_export_model().export_onnx(model, path, example=example, input_name=INPUT_NAME,
-                                            output_name=OUTPUT_NAME))
+    return _export_model().export_onnx(model, path, example=example, input_name=INPUT_NAME,
+                                       output_name=OUTPUT_NAME)
 
 
 class CalibrationReader:
